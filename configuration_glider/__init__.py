@@ -1,0 +1,3 @@
+from .configuration_glider import GliderConfig
+
+__all__ = ["GliderConfig"]

@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny random T5s, a sentencepiece tokenizer trained here, and expert directories written with
+PEFT itself (plus gate files written directly with safetensors, independently of the code under test)."""
+
+import copy
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ALL_T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+EMBED_DIM = 8
+
+CORPUS = [
+    "reverse the word apple",
+    "sort the letters of banana",
+    "uppercase the word cherry",
+    "is the sentence positive or negative answer yes or no",
+    "translate numbers into words one two three four five six seven eight nine ten",
+    "the quick brown fox jumps over the lazy dog",
+    "question answer true false maybe always never",
+]
+
+
+def tiny_t5_config(vocab_size: int = 64, gated: bool = True, **overrides) -> T5Config:
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        **overrides,
+    )
+
+
+def make_base(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(tiny_t5_config(**config_kwargs)).to(dtype).eval()
+
+
+def make_expert(
+    root: Path,
+    base: T5ForConditionalGeneration,
+    name: str,
+    *,
+    r: int = 4,
+    lora_alpha: int = 8,
+    targets=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+    seed: int = 0,
+    use_rslora: bool = False,
+    rank_pattern: dict | None = None,
+    layers: list[int] | None = None,
+    zero_B: bool = False,
+    embedding: torch.Tensor | None = None,
+    gates: bool = True,
+    instruction: str = "",
+) -> Path:
+    """A LoRA expert saved by PEFT (random A and B), with random Phatgoose gates."""
+    present = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    lora_config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=[t for t in targets if t in present],
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern or {},
+        layers_to_transform=layers,
+        layers_pattern="block" if layers is not None else None,
+    )
+    model = get_peft_model(copy.deepcopy(base), lora_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_A" in param_name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+            elif "lora_B" in param_name:
+                param.copy_(torch.zeros(param.shape) if zero_B else torch.randn(param.shape, generator=generator) * 0.3)
+    directory = root / name
+    model.save_pretrained(directory)
+    tensors = {}
+    if gates:
+        for key, A in load_file(directory / "adapter_model.safetensors").items():
+            if key.endswith(".lora_A.weight"):
+                path = key[len("base_model.model.") : -len(".lora_A.weight")]
+                tensors[f"gate.{path}"] = torch.randn(A.shape[1], generator=generator)
+    if embedding is not None:
+        tensors["instruction_embedding"] = embedding.float()
+    if tensors:
+        save_file(tensors, directory / "glider_expert.safetensors")
+    (directory / "glider_expert.json").write_text(json.dumps({"name": name, "instruction": instruction}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tokenizer")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=model,
+        vocab_size=60,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    T5Tokenizer.from_pretrained(directory, extra_ids=0).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return T5Tokenizer.from_pretrained(tokenizer_dir)
