@@ -21,7 +21,17 @@ CUSTOM_PIPELINES = {
     }
 }
 LOCAL_ROUTERS = ("phatgoose", "arrow")
-EXPERT_KEYS = ("name", "instruction", "source", "target_modules", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+EXPERT_KEYS = (
+    "name",
+    "instruction",
+    "source",
+    "target_modules",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+)
 
 
 def matches_pattern(pattern: str, module_path: str) -> bool:

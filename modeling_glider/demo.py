@@ -38,7 +38,9 @@ def _experts(base, directory: Path, embedding_dim: int) -> list[Path]:
     dirs = []
     for index, (name, instruction) in enumerate(EXPERTS.items()):
         torch.manual_seed(index)
-        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]))
+        peft_model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=4, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"])
+        )
         for param_name, param in peft_model.named_parameters():
             if "lora_B" in param_name:
                 torch.nn.init.normal_(param, std=0.05)
@@ -77,7 +79,12 @@ def run_demo(out_dir: str | Path = "glider-demo") -> None:
         u = torch.eye(len(EXPERTS))[names.index(task)][None]
         answer = generator(query, instruction_embeddings=u, max_new_tokens=8)[0]["generated_text"]
         inputs = tokenizer(query, return_tensors="pt")
-        usage = model(**inputs, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long), instruction_embeddings=u, output_routing=True)
+        usage = model(
+            **inputs,
+            decoder_input_ids=torch.zeros(1, 1, dtype=torch.long),
+            instruction_embeddings=u,
+            output_routing=True,
+        )
         usage = usage.routing.expert_usage(len(names), 1)[0]
         shares = ", ".join(f"{n} {w:.0%}" for n, w in sorted(zip(names, usage.tolist()), key=lambda p: -p[1]))
         print(f"{query!r} -> {answer!r}   experts used: {shares}")

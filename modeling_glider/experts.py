@@ -110,7 +110,9 @@ def load_expert(directory: str | os.PathLike) -> Expert:
 
     adapter_config = _read_json(directory / ADAPTER_CONFIG, who)
     if adapter_config.get("peft_type") != "LORA":
-        raise ValueError(f"{who}: adapter is {adapter_config.get('peft_type')!r}, but only plain LoRA experts can be routed.")
+        raise ValueError(
+            f"{who}: adapter is {adapter_config.get('peft_type')!r}, but only plain LoRA experts can be routed."
+        )
     for key, plain_values in PLAIN_LORA.items():
         if adapter_config.get(key) not in plain_values:
             raise ValueError(
@@ -121,7 +123,9 @@ def load_expert(directory: str | os.PathLike) -> Expert:
     for key, tensor in _read_safetensors(directory / ADAPTER_WEIGHTS, who).items():
         match = LORA_KEY.match(key)
         if match is None:
-            raise ValueError(f"{who}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}; only plain LoRA A/B weights can be routed.")
+            raise ValueError(
+                f"{who}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}; only plain LoRA A/B weights can be routed."
+            )
         (lora_A if match["matrix"] == "A" else lora_B)[match["path"]] = tensor
     if not lora_A:
         raise ValueError(f"{who}: {ADAPTER_WEIGHTS} holds no LoRA weights.")
@@ -141,7 +145,9 @@ def load_expert(directory: str | os.PathLike) -> Expert:
             elif key.startswith("gate.") and key[5:] in lora_A:
                 gates[key[5:]] = tensor.flatten()
             else:
-                raise ValueError(f"{who}: unexpected tensor {key!r} in {EXPERT_WEIGHTS} (gates are 'gate.<adapted module path>').")
+                raise ValueError(
+                    f"{who}: unexpected tensor {key!r} in {EXPERT_WEIGHTS} (gates are 'gate.<adapted module path>')."
+                )
     return Expert(
         name=name,
         instruction=str(meta.get("instruction") or ""),
@@ -267,7 +273,9 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
     if with_embedding:
         if len(with_embedding) != len(experts):
             missing = [e.name for e in experts if e.instruction_embedding is None]
-            raise ValueError(f"Experts {missing} have no instruction_embedding while {with_embedding} do: give all or none.")
+            raise ValueError(
+                f"Experts {missing} have no instruction_embedding while {with_embedding} do: give all or none."
+            )
         widths = {e.name: e.instruction_embedding.numel() for e in experts}
         if len(set(widths.values())) > 1:
             raise ValueError(f"Experts' instruction embeddings differ in width: {widths}.")
@@ -296,12 +304,16 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
         for path in expert.module_paths:
             rank, _ = config.expert_rank_and_scaling(config.experts[names.index(expert.name)], path)
             if rank != expert.lora_A[path].shape[0]:
-                raise ValueError(f"{who}: {path} has rank {expert.lora_A[path].shape[0]} but adapter_config.json implies {rank}.")
+                raise ValueError(
+                    f"{who}: {path} has rank {expert.lora_A[path].shape[0]} but adapter_config.json implies {rank}."
+                )
             if config.local_router == "arrow":
                 gates[expert.name, path] = arrow_prototype(expert.lora_A[path], expert.lora_B[path])
             elif path in expert.gates:
                 if expert.gates[path].numel() != linears[path].in_features:
-                    raise ValueError(f"{who}: gate for {path} has {expert.gates[path].numel()} values, expected {linears[path].in_features}.")
+                    raise ValueError(
+                        f"{who}: gate for {path} has {expert.gates[path].numel()} values, expected {linears[path].in_features}."
+                    )
                 gates[expert.name, path] = expert.gates[path]
             else:
                 raise ValueError(

@@ -96,7 +96,9 @@ class GliderT5DenseGatedActDense(T5DenseGatedActDense):
 
 
 class GliderT5Attention(T5Attention):
-    def __init__(self, config: GliderConfig, prefix: str, has_relative_attention_bias=False, layer_idx=None, is_causal=False):
+    def __init__(
+        self, config: GliderConfig, prefix: str, has_relative_attention_bias=False, layer_idx=None, is_causal=False
+    ):
         super().__init__(config, has_relative_attention_bias, layer_idx, is_causal)
         self.q = GliderLinear(config, f"{prefix}.q", self.d_model, self.inner_dim)
         self.k = GliderLinear(config, f"{prefix}.k", self.d_model, self.inner_dim)
@@ -337,7 +339,9 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             config_overrides["global_routing_scale"] = global_routing_scale
         return build_glider_model(cls, base, experts, router_top_k=top_k, **config_overrides)
 
-    def global_routing_logits(self, instruction_embeddings: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def global_routing_logits(
+        self, instruction_embeddings: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
         """`alpha * cos(u, G_e)` for every query row u: `[batch, D]` -> `[batch, num_experts]`."""
         if self.global_router is None:
             raise ValueError(
@@ -387,7 +391,9 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         if instruction_embeddings is not None:
             if global_routing_logits is not None:
                 raise ValueError("Pass instruction_embeddings or global_routing_logits, not both.")
-            batch = next(t for t in (input_ids, inputs_embeds, decoder_input_ids, decoder_inputs_embeds) if t is not None)
+            batch = next(
+                t for t in (input_ids, inputs_embeds, decoder_input_ids, decoder_inputs_embeds) if t is not None
+            )
             global_routing_logits = self.global_routing_logits(instruction_embeddings, batch.shape[0])
         if output_routing and routing_record is None:
             routing_record = RoutingRecord()

@@ -131,9 +131,7 @@ class GliderLinear(nn.Linear):
             routing_record.add(self.module_path, weights, self.expert_index[indices])
         return y + self.mixture_of_lora(x, weights, indices)
 
-    def route(
-        self, x: torch.Tensor, global_routing_logits: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and local expert indices per token, `[batch, tokens, k]`, for input `x` `[batch, tokens, d_in]`."""
         if self.config.local_router == "arrow":
             local_logits = arrow_logits(x, self.router_gate, self.config.arrow_temperature)
@@ -161,9 +159,7 @@ class GliderGlobalRouter(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.register_buffer(
-            "expert_embeddings", torch.zeros(len(config.experts), config.instruction_embedding_dim)
-        )
+        self.register_buffer("expert_embeddings", torch.zeros(len(config.experts), config.instruction_embedding_dim))
 
     def forward(self, instruction_embeddings: torch.Tensor) -> torch.Tensor:
         """`[batch, D]` instruction embeddings -> `[batch, num_experts]` global routing logits (fp32)."""

@@ -24,7 +24,9 @@ def inputs(seed=0, batch=2, length=6, vocab=64):
 @pytest.mark.parametrize("gated", [True, False])
 def test_zero_B_experts_leave_base_logits_unchanged(tmp_path, gated):
     base = make_base(gated=gated)
-    dirs = [make_expert(tmp_path, base, f"e{i}", seed=i, zero_B=True, embedding=torch.randn(EMBED_DIM)) for i in range(3)]
+    dirs = [
+        make_expert(tmp_path, base, f"e{i}", seed=i, zero_B=True, embedding=torch.randn(EMBED_DIM)) for i in range(3)
+    ]
     glider = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2)
     ids, dec = inputs()
     u = torch.randn(2, EMBED_DIM)
@@ -44,7 +46,9 @@ def test_one_expert_top1_equals_peft(tmp_path, use_rslora):
     with torch.no_grad():
         expected = peft_model(input_ids=ids, decoder_input_ids=dec).logits
         assert not torch.allclose(expected, base(input_ids=ids, decoder_input_ids=dec).logits, atol=1e-3)
-        torch.testing.assert_close(glider(input_ids=ids, decoder_input_ids=dec).logits, expected, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(
+            glider(input_ids=ids, decoder_input_ids=dec).logits, expected, atol=1e-10, rtol=1e-10
+        )
 
 
 class NaiveRoutedLinear(nn.Module):
@@ -52,7 +56,14 @@ class NaiveRoutedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, experts: list[dict], alpha: float, top_k: int, top_p, query):
         super().__init__()
-        self.linear, self.experts, self.alpha, self.top_k, self.top_p, self.query = linear, experts, alpha, top_k, top_p, query
+        self.linear, self.experts, self.alpha, self.top_k, self.top_p, self.query = (
+            linear,
+            experts,
+            alpha,
+            top_k,
+            top_p,
+            query,
+        )
 
     @property
     def weight(self):  # T5 reads `wo.weight.dtype`
@@ -109,7 +120,13 @@ def naive_model(base, expert_dirs, alpha, top_k, top_p):
             scaling = alpha_e / math.sqrt(r) if adapter.get("use_rslora") else alpha_e / r
             G = extra.get("instruction_embedding")
             per_module.setdefault(path, []).append(
-                {"A": A.double(), "B": B.double(), "scaling": scaling, "gate": extra[f"gate.{path}"].double(), "G": None if G is None else G.double()}
+                {
+                    "A": A.double(),
+                    "B": B.double(),
+                    "scaling": scaling,
+                    "gate": extra[f"gate.{path}"].double(),
+                    "G": None if G is None else G.double(),
+                }
             )
     for path, experts in per_module.items():
         parent_path, name = path.rsplit(".", 1)
@@ -125,9 +142,27 @@ def heterogeneous_library(tmp_path):
     embeddings = torch.randn(3, EMBED_DIM, generator=torch.Generator().manual_seed(7))
     dirs = [
         make_expert(tmp_path, base, "wide", r=2, lora_alpha=4, seed=10, embedding=embeddings[0]),
-        make_expert(tmp_path, base, "attention_and_ff", r=4, lora_alpha=8, use_rslora=True, targets=("q", "v", "wi_0", "wo"), seed=11, embedding=embeddings[1]),
         make_expert(
-            tmp_path, base, "second_block_only", r=8, lora_alpha=16, rank_pattern={"k": 3}, layers=[1], seed=12, embedding=embeddings[2]
+            tmp_path,
+            base,
+            "attention_and_ff",
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            targets=("q", "v", "wi_0", "wo"),
+            seed=11,
+            embedding=embeddings[1],
+        ),
+        make_expert(
+            tmp_path,
+            base,
+            "second_block_only",
+            r=8,
+            lora_alpha=16,
+            rank_pattern={"k": 3},
+            layers=[1],
+            seed=12,
+            embedding=embeddings[2],
         ),
     ]
     return base, dirs
@@ -140,7 +175,9 @@ def heterogeneous_library(tmp_path):
 def test_equals_naive_per_token_reference(heterogeneous_library, top_k, use_global, top_p):
     base, dirs = heterogeneous_library
     alpha = 2.0  # comparable to the local logits, so both terms decide
-    glider = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=top_k, global_routing_scale=alpha, router_top_p=top_p)
+    glider = GliderT5ForConditionalGeneration.from_experts(
+        base, dirs, top_k=top_k, global_routing_scale=alpha, router_top_p=top_p
+    )
     naive, query = naive_model(base, dirs, alpha, top_k, top_p)
     ids, dec = inputs(seed=5)
     u = torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(9)) if use_global else None
@@ -170,7 +207,12 @@ def test_mixed_task_batch_rows_equal_single_rows(heterogeneous_library):
     u = torch.eye(3, EMBED_DIM) + 0.1  # three different "tasks"
     with torch.no_grad():
         batched = glider(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits
-        rows = [glider(input_ids=ids[i : i + 1], decoder_input_ids=dec[i : i + 1], instruction_embeddings=u[i : i + 1]).logits for i in range(3)]
+        rows = [
+            glider(
+                input_ids=ids[i : i + 1], decoder_input_ids=dec[i : i + 1], instruction_embeddings=u[i : i + 1]
+            ).logits
+            for i in range(3)
+        ]
         same_task = glider(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u[:1].expand(3, -1)).logits
     # fp32 routing sums in a batch-shape dependent order (~1e-6); this random toy T5 amplifies that to ~1e-4
     torch.testing.assert_close(batched, torch.cat(rows), atol=1e-3, rtol=1e-3)
