@@ -1,9 +1,10 @@
 """The glider-mini task suite: T0-style templated prompts over four small input worlds, generated deterministically.
 
 Held-in tasks (one LoRA expert each) come in groups that share one input distribution and differ only by the
-instruction (five tasks over the same word lists, four over the same story sentences, two over the same reviews),
-so that a router looking at one token at a time cannot tell them apart. Held-out tasks have no expert: they ask
-for held-in skills through new formats, paraphrased instructions and compositions.
+instruction: five tasks over the same word lists (pick the animal, the fruit, ...), four over the same story
+sentences (who, where, what, when), two over the same reviews and two over the same timetable entries. A router
+that looks at one token at a time sees the same tokens for every task of a group. Held-out tasks have no expert:
+they ask for held-in skills through new formats, paraphrased instructions and compositions.
 
 Every task has several prompt templates; the last `eval_templates` of a held-in task are never used for training
 (validation and test draw from all templates). The input space of every world is split by a hash of the raw input,
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {"train": 2000, "validation": 100, "test": 300}
 
-# World 1: lists of 3-6 distinct words, each word from one of five categories.
+# World 1: lists of five words, one from each category, in random order.
 CATEGORIES = {
     "animal": ("cat", "dog", "horse", "mouse", "tiger", "rabbit", "sheep", "whale"),
     "fruit": ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"),
@@ -64,8 +65,27 @@ ASPECTS = {
 }
 SENTIMENTS = ("positive", "negative")
 
-# World 4: pairs of whole numbers from 1 to 99.
-NUMBERS = range(1, 100)
+# World 4: timetable entries: a vehicle to a city, leaving at an hour from a platform (hours and platforms overlap).
+VEHICLES = ("train", "bus", "ferry", "coach", "tram")
+CITIES = (
+    "Oslo",
+    "Paris",
+    "Rome",
+    "Berlin",
+    "Madrid",
+    "Vienna",
+    "Prague",
+    "Lisbon",
+    "Dublin",
+    "Athens",
+    "Warsaw",
+    "Zurich",
+)
+SCHEDULES = (
+    "The {vehicle} to {city} leaves at {hour} from platform {platform}.",
+    "At {hour} o'clock, the {vehicle} for {city} departs from platform {platform}.",
+    "Platform {platform}: {vehicle} to {city}, departing at {hour}.",
+)
 
 
 @dataclass(frozen=True)
@@ -109,8 +129,22 @@ class Task:
 
 
 def _sample_words(rng: random.Random) -> dict:
-    words = rng.sample(WORDS, rng.randint(3, 6))
-    return {"key": " ".join(words), "text": ", ".join(words), "list": words, "words": ", ".join(words)}
+    by_category = {category: rng.choice(words) for category, words in CATEGORIES.items()}
+    words = _shuffled(rng, list(by_category.values()))
+    pairs = [
+        (by_category["fruit"], by_category["color"]),
+        (by_category["color"], by_category["fruit"]),
+        (by_category["fruit"], by_category["tool"]),
+        (by_category["animal"], by_category["color"]),
+    ]
+    return {
+        "key": " ".join(words),
+        "text": ", ".join(words),
+        "list": words,
+        "words": ", ".join(words),
+        **by_category,
+        "pair_options": _shuffled(rng, [", ".join(pair) for pair in pairs]),
+    }
 
 
 def _sample_story(rng: random.Random) -> dict:
@@ -144,23 +178,23 @@ def _sample_review(rng: random.Random) -> dict:
     things, positive, negative = ASPECTS[aspect]
     adjectives = positive if sentiment == "positive" else negative
     first, second = rng.sample(things, 2)
-    review = f"The {first} was {rng.choice(adjectives)}"
+    adjective, other = rng.sample(adjectives, 2)
+    review = f"The {first} was {adjective}"
     if rng.random() < 0.6:
-        review += f" and the {second} was {rng.choice(adjectives)}"
+        review += f" and the {second} was {other}"
     review += "."
     return {"key": review, "text": review, "review": review, "aspect": aspect, "sentiment": sentiment}
 
 
-def _sample_numbers(rng: random.Random) -> dict:
-    a, b = rng.sample(NUMBERS, 2)
-    return {
-        "key": f"{a} {b}",
-        "text": f"{a} and {b}",
-        "a": str(a),
-        "b": str(b),
-        "larger": str(max(a, b)),
-        "smaller": str(min(a, b)),
+def _sample_schedule(rng: random.Random) -> dict:
+    fields = {
+        "vehicle": rng.choice(VEHICLES),
+        "city": rng.choice(CITIES),
+        "hour": str(rng.randint(1, 12)),
+        "platform": str(rng.randint(1, 12)),
     }
+    schedule = rng.choice(SCHEDULES).format(**fields)
+    return {**fields, "key": schedule, "text": schedule, "schedule": schedule}
 
 
 def _shuffled(rng: random.Random, items: list) -> list:
@@ -173,99 +207,40 @@ WORLDS: dict[str, Callable[[random.Random], dict]] = {
     "words": _sample_words,
     "story": _sample_story,
     "review": _sample_review,
-    "numbers": _sample_numbers,
+    "schedule": _sample_schedule,
 }
 
-CATEGORY_LIST = "animal, fruit, color, tool, vehicle"
+
+def _pick(category: str, kind: str, article: str) -> Task:
+    """Held-in, world "words": name the list's word of one category."""
+    return Task(
+        f"pick_{category}",
+        "words",
+        kind,
+        (
+            f"Which word in this list names {article} {category}: {{words}}?",
+            f"{{words}} -- find the {category}.",
+            f"Here are five words: {{words}}. Which one is {article} {category}?",
+            f"Pick out the {category} from {{words}}.",
+            f"List: {{words}}. {category.capitalize()}:",
+        ),
+        lambda f: f[category],
+        choices=(lambda f: tuple(f["list"])) if kind == "multiple_choice" else None,
+        instruction=f"Find the word that names {article} {category} in the given list and answer with that word.",
+        query_instruction=f"Return the {category} mentioned among the words.",
+        eval_templates=2,
+    )
+
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         # Held-in, world "words": five tasks on the same word lists.
-        Task(
-            "reverse_words",
-            "words",
-            "generation",
-            (
-                "Reverse the order of these words: {words}",
-                "Here is a list of words: {words}. Write the same words from last to first.",
-                "{words} -- write this list backwards, word by word.",
-                "Read the words {words} in reverse order and write them down.",
-                "Words: {words}. What is this list when its order is flipped?",
-            ),
-            lambda f: ", ".join(reversed(f["list"])),
-            instruction="Reverse the order of the words in the given list and answer with the reversed list.",
-            query_instruction="Write the list of words backwards, starting from the last word.",
-            eval_templates=2,
-        ),
-        Task(
-            "sort_words",
-            "words",
-            "generation",
-            (
-                "Sort these words alphabetically: {words}",
-                "Put the following words in alphabetical order: {words}",
-                "{words} -- arrange these words from A to Z.",
-                "Order the words {words} as they would appear in a dictionary.",
-                "Alphabetize the list: {words}",
-            ),
-            lambda f: ", ".join(sorted(f["list"])),
-            instruction="Sort the words of the given list into alphabetical order and answer with the sorted list.",
-            query_instruction="Arrange the words in A to Z order.",
-            eval_templates=2,
-        ),
-        Task(
-            "count_words",
-            "words",
-            "generation",
-            (
-                "How many words are in this list: {words}",
-                "Count the words: {words}",
-                "{words} -- how many items does this list have?",
-                "Tell me the number of words in the list {words}.",
-                "List: {words}. Number of words:",
-            ),
-            lambda f: str(len(f["list"])),
-            instruction="Count the words in the given list and answer with the number as digits.",
-            query_instruction="Say how many items the list contains.",
-            eval_templates=2,
-        ),
-        Task(
-            "last_word",
-            "words",
-            "generation",
-            (
-                "What is the last word in this list: {words}",
-                "Give the final word of the list {words}.",
-                "{words} -- which word comes at the end?",
-                "Which word closes the list {words}?",
-                "List: {words}. Last word:",
-            ),
-            lambda f: f["list"][-1],
-            instruction="Find the last word of the given list and answer with that word.",
-            query_instruction="Return the word at the end of the list.",
-            eval_templates=2,
-        ),
-        Task(
-            "first_category",
-            "words",
-            "multiple_choice",
-            (
-                "What kind of thing is the first word in {words}? Options: " + CATEGORY_LIST + ".",
-                "The list {words} starts with a word. Is it an animal, a fruit, a color, a tool or a vehicle?",
-                "{words} -- name the category of the first word: animal, fruit, color, tool or vehicle.",
-                "Look at the first item of {words}. Which group does it belong to: " + CATEGORY_LIST + "?",
-                "List: {words}. Category of the first word (" + CATEGORY_LIST + "):",
-            ),
-            lambda f: CATEGORY_OF[f["list"][0]],
-            choices=lambda f: tuple(CATEGORIES),
-            instruction=(
-                "Classify the first word of the given list as an animal, fruit, color, tool or vehicle and answer "
-                "with that category."
-            ),
-            query_instruction="Tell which group the opening word of the list belongs to.",
-            eval_templates=2,
-        ),
+        _pick("animal", "generation", "an"),
+        _pick("fruit", "multiple_choice", "a"),
+        _pick("color", "generation", "a"),
+        _pick("tool", "multiple_choice", "a"),
+        _pick("vehicle", "generation", "a"),
         # Held-in, world "story": four questions about the same sentences.
         Task(
             "story_who",
@@ -370,69 +345,68 @@ TASKS: dict[str, Task] = {
             query_instruction="Say which part of the restaurant experience the comment is about.",
             eval_templates=2,
         ),
-        # Held-in, world "numbers": two questions about the same pairs.
+        # Held-in, world "schedule": two questions about the same timetable entries.
         Task(
-            "larger_number",
-            "numbers",
+            "schedule_city",
+            "schedule",
             "generation",
             (
-                "Which is larger, {a} or {b}?",
-                "Give the bigger of the two numbers {a} and {b}.",
-                "{a} and {b} -- which number is greater?",
-                "Of {a} and {b}, which one is more?",
-                "Numbers: {a}, {b}. Maximum:",
+                "{schedule} Where is it going?",
+                "Read the timetable entry and name the destination: {schedule}",
+                "{schedule} Destination:",
+                "{schedule} Which city does it travel to?",
+                "To which city does this departure go? {schedule}",
             ),
-            lambda f: f["larger"],
-            instruction="Compare the two given numbers and answer with the larger one.",
-            query_instruction="Return the maximum of the two numbers.",
+            lambda f: f["city"],
+            instruction="Read the given timetable entry and answer with the city the vehicle travels to.",
+            query_instruction="Name the destination of the departure.",
             eval_templates=2,
         ),
         Task(
-            "smaller_number",
-            "numbers",
+            "schedule_platform",
+            "schedule",
             "generation",
             (
-                "Which is smaller, {a} or {b}?",
-                "Give the lower of the two numbers {a} and {b}.",
-                "{a} and {b} -- which number is less?",
-                "Of {a} and {b}, which one is fewer?",
-                "Numbers: {a}, {b}. Minimum:",
+                "{schedule} Which platform does it leave from?",
+                "Read the timetable entry and give the platform number: {schedule}",
+                "{schedule} Platform:",
+                "{schedule} From what platform should I board?",
+                "What is the departure platform? {schedule}",
             ),
-            lambda f: f["smaller"],
-            instruction="Compare the two given numbers and answer with the smaller one.",
-            query_instruction="Return the minimum of the two numbers.",
+            lambda f: f["platform"],
+            instruction="Read the given timetable entry and answer with the number of the platform it leaves from.",
+            query_instruction="Give the platform number of the departure.",
             eval_templates=2,
         ),
         # Held-out: held-in skills through new formats, paraphrases and compositions; no expert, no training.
         Task(
-            "first_alphabetical",
+            "pick_creature",
             "words",
-            "multiple_choice",
+            "generation",
             (
-                "Which of these words comes first in the alphabet: {words}?",
-                "{words} -- which word would a dictionary list first?",
-                "Pick the word that is earliest in alphabetical order among {words}.",
+                "Which of {words} is a living creature?",
+                "{words} -- one of these is a beast. Which?",
+                "Name the living being among {words}.",
             ),
-            lambda f: min(f["list"]),
-            choices=lambda f: tuple(f["list"]),
-            query_instruction="Choose the word of the list that comes first in alphabetical order.",
+            lambda f: f["animal"],
+            query_instruction="Find the living creature in the list of words.",
             held_out=True,
-            skills=("sort_words",),
+            skills=("pick_animal",),
         ),
         Task(
-            "last_category",
+            "fruit_and_color",
             "words",
             "multiple_choice",
             (
-                "What kind of thing is the last word in {words}? Options: " + CATEGORY_LIST + ".",
-                "The list {words} ends with a word. Is it an animal, a fruit, a color, a tool or a vehicle?",
-                "{words} -- which group does the final word belong to: " + CATEGORY_LIST + "?",
+                "Which fruit and which color are in {words}? Answer as fruit, color.",
+                "{words} -- give the fruit and then the color.",
+                "From {words}, write the fruit followed by the color.",
             ),
-            lambda f: CATEGORY_OF[f["list"][-1]],
-            choices=lambda f: tuple(CATEGORIES),
-            query_instruction="Tell which group the final word of the list belongs to.",
+            lambda f: f"{f['fruit']}, {f['color']}",
+            choices=lambda f: tuple(f["pair_options"]),
+            query_instruction="Write the fruit and then the color that appear in the list.",
             held_out=True,
-            skills=("last_word", "first_category"),
+            skills=("pick_fruit", "pick_color"),
         ),
         Task(
             "story_place_choice",
@@ -450,6 +424,20 @@ TASKS: dict[str, Task] = {
             skills=("story_where",),
         ),
         Task(
+            "story_person",
+            "story",
+            "generation",
+            (
+                "Whose action does this describe? {story}",
+                "{story} Tell me the name of the one who did it.",
+                "Find the character: {story}",
+            ),
+            lambda f: f["name"],
+            query_instruction="Give the name of the character who acts in the sentence.",
+            held_out=True,
+            skills=("story_who",),
+        ),
+        Task(
             "review_recommend",
             "review",
             "multiple_choice",
@@ -463,20 +451,6 @@ TASKS: dict[str, Task] = {
             query_instruction="Say yes if the customer enjoyed the visit and no otherwise.",
             held_out=True,
             skills=("review_sentiment",),
-        ),
-        Task(
-            "story_person",
-            "story",
-            "generation",
-            (
-                "Whose action does this describe? {story}",
-                "{story} Tell me the name of the one who did it.",
-                "Find the character: {story}",
-            ),
-            lambda f: f["name"],
-            query_instruction="Give the name of the character who acts in the sentence.",
-            held_out=True,
-            skills=("story_who",),
         ),
     ]
 }
