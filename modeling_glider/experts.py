@@ -246,16 +246,32 @@ def _config_entry(expert: Expert, linears: dict[str, nn.Linear]) -> dict:
     }
 
 
+def _lora_scalings(expert: Expert, entry: dict, config: GliderConfig) -> dict[str, float]:
+    """Module path -> the expert's LoRA scaling there; checks each rank against what adapter_config.json implies."""
+    scalings = {}
+    for path in expert.module_paths:
+        rank, scalings[path] = config.expert_rank_and_scaling(entry, path)
+        if rank != expert.lora_A[path].shape[0]:
+            raise ValueError(
+                f"Expert {expert.name!r} ({expert.source}): {path} has rank {expert.lora_A[path].shape[0]} but "
+                f"adapter_config.json implies {rank}."
+            )
+    return scalings
+
+
+def expert_lora_scalings(expert: Expert, linears: dict[str, nn.Linear]) -> dict[str, float]:
+    """Module path -> the LoRA scaling of `expert` there, as PEFT computes it (alpha/r, or alpha/sqrt(r) with rslora;
+    rank and alpha patterns honoured)."""
+    config = GliderConfig(experts=[_config_entry(expert, linears)], router_top_k=1)
+    return _lora_scalings(expert, config.experts[0], config)
+
+
 def _router_gates(expert: Expert, entry: dict, config: GliderConfig, linears: dict[str, nn.Linear]) -> dict:
     """Module path -> what the local router scores this expert by there: its Phatgoose gate, or its Arrow prototype."""
     who = f"Expert {expert.name!r} ({expert.source})"
+    _lora_scalings(expert, entry, config)
     gates = {}
     for path in expert.module_paths:
-        rank, _ = config.expert_rank_and_scaling(entry, path)
-        if rank != expert.lora_A[path].shape[0]:
-            raise ValueError(
-                f"{who}: {path} has rank {expert.lora_A[path].shape[0]} but adapter_config.json implies {rank}."
-            )
         if config.local_router == "arrow":
             gates[path] = arrow_prototype(expert.lora_A[path], expert.lora_B[path])
         elif path in expert.gates:
