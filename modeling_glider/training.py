@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -41,6 +42,7 @@ from .experts import (
     routable_linears,
     save_expert_files,
 )
+from .staging import publish, staging_dir, write_atomically
 
 ALL_T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 TrainingData = str | os.PathLike | list | datasets.Dataset
@@ -172,12 +174,26 @@ def _fit(model: nn.Module, dataset, tokenizer, *, steps: int, learning_rate: flo
             "bf16": bf16,
             "remove_unused_columns": False,
             "dataloader_pin_memory": torch.cuda.is_available(),
+            "ddp_find_unused_parameters": False,  # every trainable tensor is used at every step
             **(trainer_args or {}),
         }
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
         Seq2SeqTrainer(
             model=model, args=Seq2SeqTrainingArguments(**args), train_dataset=dataset, data_collator=collator
         ).train()
+
+
+@contextmanager
+def _left_as_it_was(model: nn.Module):
+    """Give the model back its `requires_grad` flags and train/eval mode on exit."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    training = model.training
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(training)
 
 
 def _swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -198,30 +214,14 @@ def _train_gates_on(
     """Phatgoose gates for one LoRA expert (module path -> (A, B, scaling)) on its task data; the base model is left
     as it was (modules, `requires_grad` flags, train/eval mode)."""
     gated = {path: PhatgooseGatedLinear(base.get_submodule(path), A, B, s) for path, (A, B, s) in lora.items()}
-    requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
-    training = base.training
-    base.requires_grad_(False)
-    replaced = _swap_modules(base, gated)
-    try:
-        _fit(base, dataset, tokenizer, warmup=0, description="phatgoose-gates", **fit_kwargs)
-    finally:
-        _swap_modules(base, replaced)
-        for name, p in base.named_parameters():
-            p.requires_grad_(requires_grad[name])
-        base.train(training)
+    with _left_as_it_was(base):
+        base.requires_grad_(False)
+        replaced = _swap_modules(base, gated)
+        try:
+            _fit(base, dataset, tokenizer, warmup=0, description="phatgoose-gates", **fit_kwargs)
+        finally:
+            _swap_modules(base, replaced)
     return {path: module.gate.detach().float().cpu() for path, module in gated.items()}
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temporary file beside `path`, then rename it over `path`: readers see the old file or the new one."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def train_gates(
@@ -276,11 +276,11 @@ def train_gates(
         tensors = {f"gate.{path}": gate.contiguous() for path, gate in gates.items()}
         if expert.instruction_embedding is not None:
             tensors["instruction_embedding"] = expert.instruction_embedding
-        _write_atomically(expert_dir / EXPERT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_atomically(expert_dir / EXPERT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         if not has_metadata or instruction is not None:
             meta = json.loads((expert_dir / EXPERT_CONFIG).read_text()) if has_metadata else {"name": expert.name}
             meta["instruction"] = instruction if instruction is not None else meta.get("instruction", "")
-            _write_atomically(expert_dir / EXPERT_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+            write_atomically(expert_dir / EXPERT_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     state.wait_for_everyone()
     return expert_dir
 
@@ -339,32 +339,25 @@ def train_expert(
     dataset = _tokenize(load_pairs(data), tokenizer, max_source_length, max_target_length)
     fit_kwargs = {"batch_size": batch_size, "seed": seed, "bf16": bf16, "trainer_args": trainer_args}
 
-    state = PartialState()
     staging = None
-    if state.is_main_process:  # the expert is written here, then renamed into place
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
-        training = base.training
-        lora_config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-        peft_model = get_peft_model(base, lora_config)
-        try:
-            _fit(peft_model, dataset, tokenizer, steps=steps, learning_rate=learning_rate, warmup=warmup_ratio,
-                 description=f"expert-{name}", **fit_kwargs)  # fmt: skip
-            lora = {
-                path: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone(),
-                       layer.scaling["default"])
-                for path, layer in peft_model.base_model.model.named_modules()
-                if isinstance(layer, LoraLayer)
-            }  # fmt: skip
-            if staging is not None:
-                peft_model.save_pretrained(staging)
-        finally:
-            peft_model.unload()  # puts the base's own linears back
-            for param_name, p in base.named_parameters():
-                p.requires_grad_(requires_grad[param_name])
-            base.train(training)
+        with _left_as_it_was(base):
+            peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                         target_modules=targets))  # fmt: skip
+            try:
+                _fit(peft_model, dataset, tokenizer, steps=steps, learning_rate=learning_rate, warmup=warmup_ratio,
+                     description=f"expert-{name}", **fit_kwargs)  # fmt: skip
+                lora = {
+                    path: (layer.lora_A["default"].weight.detach().clone(),
+                           layer.lora_B["default"].weight.detach().clone(), layer.scaling["default"])
+                    for path, layer in peft_model.base_model.model.named_modules()
+                    if isinstance(layer, LoraLayer)
+                }  # fmt: skip
+                if PartialState().is_main_process:  # the expert is written here, then renamed into place
+                    staging = staging_dir(output_dir)
+                    peft_model.save_pretrained(staging)
+            finally:
+                peft_model.unload()  # puts the base's own linears back
 
         gates = None
         if train_gates_after:
@@ -373,14 +366,12 @@ def train_expert(
             )
         if staging is not None:
             save_expert_files(staging, name, instruction, gates, instruction_embedding, embedding_model)
-            if output_dir.exists():
-                output_dir.rmdir()
-            os.replace(staging, output_dir)
+            publish(staging, output_dir)
             staging = None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    state.wait_for_everyone()
+    PartialState().wait_for_everyone()
     return output_dir
 
 

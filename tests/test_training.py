@@ -4,7 +4,11 @@ on a gradient computed here with plain hooks, and real signal on two synthetic t
 import copy
 import io
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -353,3 +357,31 @@ def test_instruction_embedding_goes_into_the_trained_expert(tmp_path, word_token
     model = GliderT5ForConditionalGeneration.from_experts(base, [directory], top_k=1, local_router="arrow")
     assert torch.equal(model.global_router.expert_embeddings[0], u)
     assert model.config.experts[0]["target_modules"] == ["q", "v"]
+
+
+def test_gates_train_the_same_over_two_processes(tmp_path, word_tokenizer):
+    """`torchrun` with two CPU processes (gloo): each takes half of the one batch, DDP averages the gradients, and the
+    main process alone writes the gates, which equal Adam's first step on the reference gradient of the whole batch."""
+    base = word_base(seed=3)
+    base.save_pretrained(tmp_path / "base")
+    word_tokenizer.save_pretrained(tmp_path / "base")
+    expert_dir = make_expert(tmp_path, base, "fruit", r=4, lora_alpha=8, seed=1)
+    rows = task_rows(FRUITS, seed=0, n=12)
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lr = 1e-3
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "modeling_glider.cli", "train-gates", "--base", str(tmp_path / "base"), "--expert", str(expert_dir),
+        "--data", str(tmp_path / "data.jsonl"), "--steps", "1", "--batch-size", "6", "--learning-rate", str(lr),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Wrote Phatgoose gates") == 1  # the main process only
+
+    expected = reference_gate_gradients(base, expert_dir, word_tokenizer, rows)
+    tensors = load_file(expert_dir / "glider_expert.safetensors")
+    clip = min(1.0, 1.0 / (torch.cat(list(expected.values())).norm().item() + 1e-6))
+    for path, g in expected.items():
+        g = clip * g
+        torch.testing.assert_close(tensors[f"gate.{path}"], -lr * g / (g.abs() + 1e-8), atol=lr * 1e-3, rtol=0)
