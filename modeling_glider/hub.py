@@ -52,7 +52,8 @@ TAGS = ["glider", "glider_t5", "t5", "lora", "mixture-of-experts", "text2text-ge
 
 
 def load_eval_results(source: str | os.PathLike | dict | list) -> list[EvalResult]:
-    """Evaluation results in the format of this module's docstring (a JSON file, a dict, or its `results` list)."""
+    """Evaluation results in the format of this module's docstring (a JSON file, a dict, or its `results` list,
+    whose entries may also be `EvalResult`s)."""
     where = "evaluation results"
     if isinstance(source, (str, os.PathLike)):
         where = str(source)
@@ -70,6 +71,9 @@ def load_eval_results(source: str | os.PathLike | dict | list) -> list[EvalResul
         raise ValueError(f"{where}: 'source' must be {{'name': ..., 'url': ...}}, got {origin!r}.")
     results = []
     for index, entry in enumerate(entries):
+        if isinstance(entry, EvalResult):
+            results.append(entry)
+            continue
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: result #{index} must be an object, got {entry!r}.")
         unknown = sorted(set(entry) - set(EVAL_KEYS))
@@ -165,8 +169,8 @@ def render_model_card(
         )
 
 
-def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
-    """One upload per file a GliderT5 repo needs, checked before anything is sent."""
+def _folder_operations(folder: Path) -> tuple[GliderConfig, list[CommitOperationAdd]]:
+    """The folder's config, and one upload per file a GliderT5 repo needs, checked before anything is sent."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} is not a saved GliderT5: no config.json (save it with save_pretrained).")
@@ -176,7 +180,7 @@ def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
         raise ValueError(f"{config_file} is not a valid config ({error}).") from None
     if model_type != GliderConfig.model_type:
         raise ValueError(f"{folder} holds a {model_type!r} model, not a GliderT5 ({GliderConfig.model_type!r}).")
-    GliderConfig.from_pretrained(folder)  # every routing setting checked before anything is sent
+    config = GliderConfig.from_pretrained(folder)  # every routing setting checked before anything is sent
     if (folder / WEIGHTS_INDEX).is_file():
         shards = set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values())
         missing = sorted(shard for shard in shards if not (folder / shard).is_file())
@@ -203,7 +207,7 @@ def _folder_operations(folder: Path) -> list[CommitOperationAdd]:
         )
     if not any(name.startswith("tokenizer") or name == "spiece.model" for name in operations):
         warnings.warn(f"{folder} has no tokenizer: the repo will not work with pipeline() by itself.", stacklevel=3)
-    return list(operations.values())
+    return config, list(operations.values())
 
 
 def push_folder(
@@ -230,12 +234,13 @@ def push_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"No such folder: {folder}")
-    operations = _folder_operations(folder)
+    config, operations = _folder_operations(folder)
+    if eval_results is not None:
+        eval_results = load_eval_results(eval_results)  # bad input fails before the repo is created
     api = HfApi()
     try:
         repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         if model_card is None:
-            config = GliderConfig.from_pretrained(folder)
             model_card = str(render_model_card(config, repo_id, eval_results=eval_results, license=license, tags=tags))
         operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=model_card.encode()))
         return api.create_commit(

@@ -459,44 +459,17 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             _hub().push_folder(save_directory, repo_id, **hub_kwargs)
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        tokenizer=None,
-        eval_results=None,
-        license: str | None = "apache-2.0",
-        tags: list[str] | None = None,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str = "50GB",
-    ):
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, max_shard_size: int | str = "50GB", **push_kwargs):
         """Push this model to the Hub as one commit: weights (safetensors), config (with `auto_map` and the custom
         text2text-generation pipeline), this model's code, `tokenizer` if given, and a model card listing the
-        experts, the routing settings and `eval_results` (a JSON file or dict, see `modeling_glider.hub`).
+        experts and the routing settings. `push_kwargs` are those of `modeling_glider.hub.push_folder`: `token`,
+        `private`, `revision`, `create_pr`, `commit_message`, `commit_description`, `eval_results` (JSON file or
+        dict for the card), `license`, `tags`, `model_card`.
 
         The repo then loads by its id with the package (`AutoModel.from_pretrained(repo_id)`) and without it
         (`trust_remote_code=True`). Needs the glider-t5 package (for the card template). Returns the `CommitInfo`.
         """
-        return _hub().push_model(
-            self,
-            repo_id,
-            tokenizer=tokenizer,
-            max_shard_size=max_shard_size,
-            eval_results=eval_results,
-            license=license,
-            tags=tags,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
 
 
 HUB_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")

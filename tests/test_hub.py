@@ -240,13 +240,21 @@ def test_glider_push_cli(hub, library, tokenizer, tmp_path, capsys):
     before = snapshot(folder)
 
     with pytest.warns(UserWarning, match="training_args.bin"):
-        assert cli.main(["push", str(folder), "org/glider-cli", "--eval-results", str(tmp_path / "eval.json")]) == 0
+        assert (
+            cli.main(
+                ["push", str(folder), "org/glider-cli", "--eval-results", str(tmp_path / "eval.json"), "--private"]
+            )
+            == 0
+        )
     assert "org/glider-cli" in capsys.readouterr().out
     files = hub.files("org/glider-cli")
     assert {name: content for name, content in files.items() if name not in ("README.md", ".gitattributes")} == {
         name: content for name, (content, _) in before.items() if name != "training_args.bin"
     }
     assert len(ModelCard.load("org/glider-cli").data.eval_results) == 2
+    assert hub.repos["org/glider-cli"].private
+    with pytest.raises(HfHubHTTPError, match="Repository Not Found"):
+        HfApi().model_info("org/glider-cli", token=False)  # private: invisible without a token
     assert snapshot(folder) == before  # bytes and modification times
 
 
@@ -257,6 +265,12 @@ def test_push_refuses_a_folder_that_is_not_a_glider_t5(hub, library, tmp_path):
     with pytest.raises(ValueError, match="not a GliderT5"):
         push_folder(tmp_path / "t5", "org/not-glider")
     assert "org/not-glider" not in hub.repos
+
+    library[2].save_pretrained(tmp_path / "glider")
+    (tmp_path / "eval.json").write_text(json.dumps({"results": [{"dataset": "d", "metric": "accuracy"}]}))
+    with pytest.raises(ValueError, match=r"result #0 .*lacks \['value'\]"):
+        push_folder(tmp_path / "glider", "org/bad-results", eval_results=tmp_path / "eval.json")
+    assert "org/bad-results" not in hub.repos  # nothing was sent
 
 
 # Loading by repo id
@@ -309,6 +323,11 @@ FRESH_INTERPRETER = textwrap.dedent(
     generator = pipeline("text2text-generation", model=repo, trust_remote_code=True)
     results["pipeline_class"] = type(generator).__module__
     results["answers"] = generator(queries, instruction_embeddings=u, **GENERATION)
+    try:  # pushing renders the card from the package's template: without the package, a clear error
+        model.push_to_hub("org/elsewhere")
+        results["push"] = None
+    except ImportError as error:
+        results["push"] = str(error)
     try:
         AutoModelForSeq2SeqLM.from_pretrained(broken, trust_remote_code=True)
         results["broken"] = None
@@ -372,6 +391,7 @@ def test_load_by_repo_id_without_the_package_in_a_fresh_interpreter(
     assert torch.equal(tensors["generate"], outputs["generate"])
     assert results["answers"] == answers
     assert results["broken"] is not None and "routing.py" in results["broken"]
+    assert "glider-t5 package" in results["push"] and "org/elsewhere" not in hub.repos
 
 
 # Experts on the Hub
