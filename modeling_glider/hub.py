@@ -206,7 +206,9 @@ def _folder_operations(folder: Path) -> tuple[GliderConfig, list[CommitOperation
             stacklevel=3,
         )
     if not any(name.startswith("tokenizer") or name == "spiece.model" for name in operations):
-        warnings.warn(f"{folder} has no tokenizer: the repo will not work with pipeline() by itself.", stacklevel=3)
+        warnings.warn(
+            "Pushing no tokenizer (pass tokenizer= or save one into the folder): pipeline() needs one.", stacklevel=3
+        )
     return config, list(operations.values())
 
 
@@ -256,7 +258,7 @@ def push_folder(
         hint = ""
         if error.response is not None and error.response.status_code == 401:
             hint = " The Hub refused the token: pass token=, set HF_TOKEN or run `hf auth login`."
-        error.append_to_message(f"\n\nPushing {folder} to {repo_id} failed; no local file was changed.{hint}")
+        error.append_to_message(f"\n\nPushing to {repo_id} failed; no local file was changed.{hint}")
         raise
 
 
