@@ -122,7 +122,7 @@ def render_model_card(
             rank += " (" + ", ".join(f"{k}: {v}" for k, v in expert["rank_pattern"].items()) + ")"
         experts.append({key: _cell(value) for key, value in {**expert, "rank": rank}.items()})
     if config.local_router == "arrow":
-        local = f"Arrow: \\|x . v_e\\| / T, T = {config.arrow_temperature}"
+        local = f"Arrow: |x . v_e| / T, T = {config.arrow_temperature}"
     else:
         local = "Phatgoose: LN(x) . LN(v_e) / sqrt(d_in)"
     if config.instruction_embedding_dim:

@@ -24,8 +24,9 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
+from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration, cli
-from modeling_glider.hub import push_folder
+from modeling_glider.hub import push_folder, render_model_card
 from modeling_glider.modeling_glider import code_files
 from tests.conftest import EMBED_DIM, make_base, make_expert
 from tests.hub_server import HubServer
@@ -88,8 +89,7 @@ def library(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def pushed(hub, library, tokenizer):
     _, _, model = library
-    commit = model.push_to_hub("org/glider-t5", tokenizer=tokenizer, eval_results=EVAL_RESULTS)
-    return commit
+    return model.push_to_hub("org/glider-t5", tokenizer=tokenizer, eval_results=EVAL_RESULTS)
 
 
 def model_inputs(tokenizer):
@@ -214,6 +214,26 @@ def test_model_card_parses_and_lists_experts_routing_and_results(hub, library, p
     assert "2410.07172" in card.text and "2402.05859" in card.text and "EMNLP" in card.text
 
 
+def test_card_of_an_arrow_library_with_rank_patterns():
+    experts = [
+        {"name": "qa", "instruction": "Answer | briefly.", "source": "org/qa", "target_modules": ["q", "v"], "r": 4,
+         "rank_pattern": {"v": 8}},
+        {"name": "nli", "target_modules": ["q"], "r": 2},
+    ]  # fmt: skip
+    config = GliderConfig(experts=experts, local_router="arrow", arrow_temperature=10.0, router_top_p=0.5)
+    card = ModelCard(str(render_model_card(config, "org/arrow", license=None)))
+    assert markdown_table(card.text, "Experts") == [
+        ["1", "qa", "4 (v: 8)", "Answer | briefly.", "org/qa"],
+        ["2", "nli", "2", "-", "-"],
+    ]
+    routing = dict(markdown_table(card.text, "Routing"))
+    assert routing["Local router (`local_router`)"] == "Arrow: |x . v_e| / T, T = 10.0"
+    assert routing["Top-p (`router_top_p`)"] == "0.5"
+    assert routing["Instruction embeddings"] == "none (local routing only)"
+    assert card.data.license is None and card.data.eval_results is None and "## Evaluation" not in card.text
+    assert "instruction_embeddings=u" not in card.text  # no global router to switch on
+
+
 def test_save_pretrained_push_to_hub_uploads_the_complete_folder(hub, library, tmp_path):
     _, _, model = library
     folder = tmp_path / "glider-saved"
@@ -239,13 +259,9 @@ def test_glider_push_cli(hub, library, tokenizer, tmp_path, capsys):
     (tmp_path / "eval.json").write_text(json.dumps(EVAL_RESULTS))
     before = snapshot(folder)
 
+    argv = ["push", str(folder), "org/glider-cli", "--eval-results", str(tmp_path / "eval.json"), "--private"]
     with pytest.warns(UserWarning, match="training_args.bin"):
-        assert (
-            cli.main(
-                ["push", str(folder), "org/glider-cli", "--eval-results", str(tmp_path / "eval.json"), "--private"]
-            )
-            == 0
-        )
+        assert cli.main(argv) == 0
     assert "org/glider-cli" in capsys.readouterr().out
     files = hub.files("org/glider-cli")
     assert {name: content for name, content in files.items() if name not in ("README.md", ".gitattributes")} == {
