@@ -15,27 +15,28 @@ from .modeling_glider import GliderT5ForConditionalGeneration
 from .staging import publish, staging_dir
 
 
-def expert_dirs(specs: Sequence[str | os.PathLike], staging: Path) -> list[Path]:
-    """Local expert directories for expert folders, plain PEFT LoRA adapter folders and Hub repo ids.
+def expert_specs(specs: Sequence[str | os.PathLike], staging: Path) -> list[str | os.PathLike]:
+    """What `from_experts` takes for each of `specs`: an expert (folder or Hub repo id) as it is; a plain PEFT LoRA
+    adapter (no `glider_expert.json`) as a staged expert directory.
 
-    A plain adapter (no `glider_expert.json`) becomes an expert named after its folder or repo, with no instruction
-    and no gates (so it routes with `local_router="arrow"`, or after `glider train-gates`): its files are copied into
-    `staging` beside a `glider_expert.json` that records where it came from.
+    A plain adapter becomes an expert named after its folder or repo, with no instruction and no gates (so it routes
+    with `local_router="arrow"`, or after `glider train-gates`): its files are copied into `staging` beside a
+    `glider_expert.json` that records where it came from.
     """
-    directories = []
+    resolved = []
     for spec in specs:
         directory = resolve_expert_dir(spec)
         if not (directory / EXPERT_CONFIG).exists() and (directory / ADAPTER_CONFIG).exists():
             name = Path(str(spec).partition("@")[0]).name
-            expert = staging / f"{len(directories)}-{name}"
+            expert = staging / f"{len(resolved)}-{name}"
             expert.mkdir(parents=True)
             for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 if (directory / file).exists():
                     shutil.copyfile(directory / file, expert / file)
             (expert / EXPERT_CONFIG).write_text(json.dumps({"name": name, "instruction": "", "source": str(spec)}))
-            directory = expert
-        directories.append(directory)
-    return directories
+            spec = expert
+        resolved.append(spec)
+    return resolved
 
 
 def build_library(
@@ -47,7 +48,7 @@ def build_library(
     top_k: int = 2,
     **config_overrides,
 ) -> GliderT5ForConditionalGeneration:
-    """Build a GliderT5 from `base` and `experts` (see `expert_dirs`) and save it, with the base's tokenizer (or
+    """Build a GliderT5 from `base` and `experts` (see `expert_specs`) and save it, with the base's tokenizer (or
     `tokenizer`) when there is one, at `output_dir`, which must not exist or be empty: the folder appears complete,
     or not at all. `config_overrides` are `GliderConfig` fields (`global_routing_scale`, `local_router`, ...)."""
     output_dir = Path(output_dir)
@@ -64,8 +65,8 @@ def build_library(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
     with tempfile.TemporaryDirectory(prefix="glider-adapters-") as staging:
-        directories = expert_dirs(experts, Path(staging))
-        model = GliderT5ForConditionalGeneration.from_experts(base, directories, top_k=top_k, **config_overrides)
+        specs = expert_specs(experts, Path(staging))
+        model = GliderT5ForConditionalGeneration.from_experts(base, specs, top_k=top_k, **config_overrides)
 
     saving = staging_dir(output_dir)
     try:
@@ -78,4 +79,4 @@ def build_library(
     return model
 
 
-__all__ = ["build_library", "expert_dirs"]
+__all__ = ["build_library", "expert_specs"]

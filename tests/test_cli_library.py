@@ -5,11 +5,13 @@ import json
 import shutil
 
 import torch
-from safetensors.torch import load_file
+from huggingface_hub import HfApi
+from safetensors.torch import load_file, save_file
 
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.cli import main
 from tests.conftest import EMBED_DIM, make_base, make_expert
+from tests.test_hub import TOKEN, hub  # noqa: F401  (the loopback Hub fixture of the Hub tests)
 
 
 def write_jsonl(path, rows):
@@ -50,7 +52,7 @@ def test_build_from_expert_folders_and_plain_peft_adapters(tmp_path, tokenizer, 
     assert main([*args, "--experts", str(expert)]) == 1  # the output folder is taken
     assert "already exists" in capsys.readouterr().err
     assert main([*args[:-4], "--out", str(tmp_path / "other"), "--experts", str(tmp_path / "no" / "such" / "dir")]) == 1
-    assert "no such directory, and not a Hub repo id" in capsys.readouterr().err
+    assert "no/such/dir: no such directory" in capsys.readouterr().err
 
 
 def test_train_gates_then_build_with_phatgoose_routing(tmp_path, tokenizer, capsys):
@@ -114,3 +116,54 @@ def test_train_expert_and_convert_commands(tmp_path, tokenizer, capsys):
     assert torch.equal(got.logits, expected.logits)
     assert main(["convert", str(tmp_path / "upper_best.pt"), "--out", str(tmp_path / "converted")]) == 1
     assert "'upper'" in capsys.readouterr().err
+
+
+def test_build_and_add_expert_from_hub_repos(hub, tmp_path, tokenizer, capsys):  # noqa: F811
+    """Experts and plain PEFT adapters as repos on the loopback Hub of tests/hub_server.py."""
+    base = make_base(seed=1)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    full = make_expert(tmp_path, base, "full", r=2, seed=1)
+    plain = make_expert(tmp_path, base, "plain", r=4, targets=("q", "wo"), seed=2, gates=False)
+    (plain / "glider_expert.json").unlink()
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    for directory, repo_id in [(full, "org/full-expert"), (plain, "org/plain-adapter")]:
+        api.create_repo(repo_id)
+        api.upload_folder(folder_path=directory, repo_id=repo_id)
+
+    assert main(["build", "--base", str(tmp_path / "base"), "--experts", "org/full-expert", "org/plain-adapter",
+                 "--out", str(tmp_path / "glider"), "--local-router", "arrow", "--top-k", "1"]) == 0  # fmt: skip
+    built = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "glider")
+    assert built.config.expert_names == ["full", "plain-adapter"]
+    assert [e["source"] for e in built.config.experts] == ["org/full-expert", "org/plain-adapter"]
+
+    model = GliderT5ForConditionalGeneration.from_experts(base, [plain_as_expert(plain, tmp_path)], top_k=1)
+    model.add_expert("org/full-expert")
+    expected = GliderT5ForConditionalGeneration.from_experts(
+        base, [plain_as_expert(plain, tmp_path), "org/full-expert"], top_k=1
+    )
+    assert model.config.to_dict() == expected.config.to_dict()
+    ids = torch.randint(2, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids, decoder_input_ids=ids).logits, expected(input_ids=ids, decoder_input_ids=ids).logits
+        )
+    assert main(["build", "--base", str(tmp_path / "base"), "--experts", "org/no-such-expert", "--out",
+                 str(tmp_path / "other")]) == 1  # fmt: skip
+    assert "'org/no-such-expert'" in capsys.readouterr().err
+
+
+def plain_as_expert(adapter, root):
+    """The plain adapter with gates and a name, as an expert folder (written here with safetensors)."""
+    directory = root / "plain_expert"
+    if not directory.exists():
+        shutil.copytree(adapter, directory)
+        adapter_weights = load_file(directory / "adapter_model.safetensors")
+        gates = {
+            f"gate.{key[len('base_model.model.') : -len('.lora_A.weight')]}": torch.ones(A.shape[1])
+            for key, A in adapter_weights.items()
+            if key.endswith("lora_A.weight")
+        }
+        save_file(gates, directory / "glider_expert.safetensors")
+        (directory / "glider_expert.json").write_text(json.dumps({"name": "plain"}))
+    return directory

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_glider import GliderT5ForConditionalGeneration
-from modeling_glider.experts import arrow_prototype, resolve_expert_dir
+from modeling_glider.experts import arrow_prototype
 from tests.conftest import EMBED_DIM, make_base, make_expert
 
 
@@ -223,13 +223,3 @@ def test_mixed_base_names_warn_and_name_the_experts(library):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same claimed base everywhere: silent
         GliderT5ForConditionalGeneration.from_experts(base, [dirs["wide"]], top_k=1)
-
-
-def test_resolve_expert_dir(library, tmp_path):
-    _, dirs = library
-    assert resolve_expert_dir(dirs["wide"]) == dirs["wide"]
-    assert resolve_expert_dir(str(dirs["wide"])) == dirs["wide"]
-    with pytest.raises(FileNotFoundError, match="not a Hub repo id"):
-        resolve_expert_dir(tmp_path / "nope" / "deeper" / "still")
-    with pytest.raises(OSError, match=r"'someone/missing-expert'.*the Hub did not provide it"):
-        resolve_expert_dir("someone/missing-expert")  # the tests run with HF_HUB_OFFLINE=1
