@@ -294,7 +294,7 @@ def expert_lora_scalings(expert: Expert, linears: dict[str, nn.Linear]) -> dict[
 def _router_gates(expert: Expert, entry: dict, config: GliderConfig, linears: dict[str, nn.Linear]) -> dict:
     """Module path -> what the local router scores this expert by there: its Phatgoose gate, or its Arrow prototype."""
     who = f"Expert {expert.name!r} ({expert.source})"
-    _lora_scalings(expert, entry, config)
+    _lora_scalings(expert, entry, config)  # checks every rank against adapter_config.json
     gates = {}
     for path in expert.module_paths:
         if config.local_router == "arrow":
@@ -475,7 +475,7 @@ def remove_expert(model, name: str) -> None:
     if config.router_top_k > len(config.experts) - 1:
         raise ValueError(
             f"Removing expert {name!r} would leave {len(config.experts) - 1} experts, fewer than router_top_k "
-            f"= {config.router_top_k}; lower router_top_k first."
+            f"= {config.router_top_k}; rebuild the library with a smaller top_k."
         )
     removed = config.expert_names.index(name)
     tensors = {}

@@ -65,13 +65,10 @@ class PhatgooseGatedLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # T5 reads `wo.weight.dtype`
         return self.linear.weight
 
-    def gate_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """sigmoid(v . x) per token, in fp32."""
-        return torch.sigmoid(x.float() @ self.gate.float())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(x.float() @ self.gate.float())[..., None]  # per token, in fp32
         lora = (x @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T
-        return self.linear(x) + (self.gate_probabilities(x)[..., None] * self.scaling).to(x.dtype) * lora
+        return self.linear(x) + (gate * self.scaling).to(x.dtype) * lora
 
 
 # Data
@@ -185,15 +182,17 @@ def _fit(model: nn.Module, dataset, tokenizer, *, steps: int, learning_rate: flo
 
 @contextmanager
 def _left_as_it_was(model: nn.Module):
-    """Give the model back its `requires_grad` flags and train/eval mode on exit."""
+    """Give the model back its `requires_grad` flags, train/eval mode and device on exit (the Trainer changes them)."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    training = model.training
+    training, device = model.training, next(model.parameters()).device
     try:
         yield
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
         model.train(training)
+        if next(model.parameters()).device != device:
+            model.to(device)
 
 
 def _swap_modules(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -254,6 +253,8 @@ def train_gates(
     `Seq2SeqTrainingArguments`. `base` is left as it was. Returns `expert_dir`.
     """
     expert_dir = Path(expert_dir)
+    if not expert_dir.is_dir():  # never a Hub id: the gates are written into the folder
+        raise FileNotFoundError(f"Expert {expert_dir}: no such directory.")
     has_metadata = (expert_dir / EXPERT_CONFIG).is_file()
     expert = load_expert(expert_dir, name=name or expert_dir.name)
     if has_metadata and name is not None and name != expert.name:
