@@ -9,6 +9,7 @@ and attention layers; the feed-forward path and the attention projections are th
 
 import copy
 import inspect
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -337,6 +338,24 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         if global_routing_scale is not None:
             config_overrides["global_routing_scale"] = global_routing_scale
         return build_glider_model(cls, base, experts, router_top_k=top_k, **config_overrides)
+
+    def add_expert(self, expert: str | os.PathLike) -> None:
+        """Add one expert (a directory or a Hub repo id) to the library, in place, without touching the other experts.
+
+        The expert is checked like `from_experts` checks it (shapes against this base, a gate for every linear it adapts
+        unless `local_router="arrow"`, an instruction embedding of the library's width iff the library has them). It
+        gets the next expert index; the model then saves, loads and routes exactly like one built from scratch with the
+        same experts in the same order.
+        """
+        from .experts import add_expert
+
+        add_expert(self, expert)
+
+    def remove_expert(self, name: str) -> None:
+        """Remove the expert called `name` from the library, in place; the later experts move up one index."""
+        from .experts import remove_expert
+
+        remove_expert(self, name)
 
     def global_routing_logits(
         self, instruction_embeddings: torch.Tensor, batch_size: int | None = None
