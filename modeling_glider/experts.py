@@ -475,7 +475,7 @@ def remove_expert(model, name: str) -> None:
     if config.router_top_k > len(config.experts) - 1:
         raise ValueError(
             f"Removing expert {name!r} would leave {len(config.experts) - 1} experts, fewer than router_top_k "
-            f"= {config.router_top_k}; rebuild the library with a smaller top_k."
+            f"= {config.router_top_k}; lower model.config.router_top_k first."
         )
     removed = config.expert_names.index(name)
     tensors = {}

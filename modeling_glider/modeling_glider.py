@@ -316,6 +316,11 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
 
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.global_router = GliderGlobalRouter(config) if config.instruction_embedding_dim else None
+        # The stacks hold copies of the config (as in T5); routing reads the model's own, so that changing a knob
+        # on `model.config` (e.g. `router_top_k`) takes effect everywhere.
+        for module in self.modules():
+            if isinstance(module, (GliderLinear, GliderGlobalRouter)):
+                module.config = config
         self.post_init()
 
     @classmethod

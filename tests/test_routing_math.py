@@ -234,3 +234,15 @@ def test_gradient_checkpointing_keeps_per_query_routing(heterogeneous_library):
         grads.append(torch.cat([p.grad.flatten() for n, p in glider.named_parameters() if "lora_B" in n]))
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-10, rtol=1e-8)
+
+
+def test_routing_knobs_are_read_from_the_model_config(heterogeneous_library):
+    base, dirs = heterogeneous_library
+    model = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2, global_routing_scale=2.0)
+    fresh = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=1, global_routing_scale=7.0)
+    model.config.router_top_k, model.config.global_routing_scale = 1, 7.0
+    ids, dec = inputs(seed=8)
+    u = torch.randn(2, EMBED_DIM, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits,
+                           fresh(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits)  # fmt: skip
