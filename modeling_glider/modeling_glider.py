@@ -7,6 +7,7 @@ arguments from the stack down to each linear. T5's stack already forwards extra 
 and attention layers; the feed-forward path and the attention projections are the parts that had to learn them.
 """
 
+import copy
 import inspect
 import shutil
 from collections.abc import Callable
@@ -302,16 +303,14 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         self.model_dim = config.d_model
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
 
-        encoder_config = GliderConfig(**config.to_dict())
+        encoder_config = copy.deepcopy(config)
         encoder_config.is_decoder = False
         encoder_config.use_cache = False
-        encoder_config._attn_implementation = config._attn_implementation
         self.encoder = GliderT5Stack(encoder_config, "encoder")
 
-        decoder_config = GliderConfig(**config.to_dict())
+        decoder_config = copy.deepcopy(config)
         decoder_config.is_decoder = True
         decoder_config.num_layers = config.num_decoder_layers
-        decoder_config._attn_implementation = config._attn_implementation
         self.decoder = GliderT5Stack(decoder_config, "decoder")
 
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
