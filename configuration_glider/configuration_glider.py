@@ -1,5 +1,6 @@
 """GliderT5 configuration: a T5 config plus every routing knob and the description of the expert library."""
 
+import copy
 import math
 import re
 import sys
@@ -173,7 +174,7 @@ class GliderConfig(T5Config):
         pipelines = sys.modules.get("transformers.pipelines")
         if pipelines is not None and "text2text-generation" in pipelines.PIPELINE_REGISTRY.supported_tasks:
             return {}
-        return CUSTOM_PIPELINES
+        return copy.deepcopy(CUSTOM_PIPELINES)  # `pipeline()` rewrites the entry it is given in place
 
     @custom_pipelines.setter
     def custom_pipelines(self, value):
@@ -181,7 +182,7 @@ class GliderConfig(T5Config):
 
     def to_dict(self) -> dict:
         output = super().to_dict()
-        output["custom_pipelines"] = CUSTOM_PIPELINES
+        output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
         return output
 
     def expert_adapts(self, expert: dict, module_path: str) -> bool:
