@@ -65,7 +65,7 @@ class GliderConfig(T5Config):
         `global_routing_scale` when the query's best cosine similarity to an expert instruction reaches
         `global_routing_threshold` (it matches a known task), `global_routing_scale_unmatched` otherwise (an unseen
         task, where the local routers should lead).
-    global_routing_threshold (`float`, defaults to 0.4):
+    global_routing_threshold (`float`, defaults to 0.3):
         Best cosine similarity from which a query counts as matching a known expert (threshold policy only).
     global_routing_scale_unmatched (`float`, defaults to 3.0):
         alpha for a query that matches no known expert (threshold policy only).
@@ -88,7 +88,7 @@ class GliderConfig(T5Config):
     router_top_p: float | int | None = None
     global_routing_scale: float | int = 100.0
     global_routing_policy: str = "fixed"
-    global_routing_threshold: float | int = 0.4
+    global_routing_threshold: float | int = 0.3
     global_routing_scale_unmatched: float | int = 3.0
     local_router: str = "phatgoose"
     arrow_temperature: float | int = 10.0

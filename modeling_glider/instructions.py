@@ -75,7 +75,7 @@ def clean_instruction(reply) -> str | None:
 
 def warn_fallback(what: str, reason: str) -> None:
     warnings.warn(
-        f"No instruction for {what}: {reason}. It is routed by the local routers only.",
+        f"No instruction for {what}: {reason}. A query without one is routed by the local routers only.",
         InstructionFallbackWarning,
         stacklevel=3,
     )
@@ -98,7 +98,7 @@ class InstructionGenerator:
 
 
 class QueryInstructions(InstructionGenerator):
-    """ "query" mode, no LLM: the query text is its own instruction (the embedder truncates long ones)."""
+    """The "query" mode, no LLM: the query text is its own instruction (the embedder truncates long ones)."""
 
     def write(self, sample_sets: Sequence[Sequence[Sample]]) -> list[str | None]:
         instructions = []
@@ -151,7 +151,11 @@ class TransformersInstructionGenerator(InstructionGenerator):
     def prompt(self, samples: Sequence[Sample]) -> str:
         messages = instruction_messages(samples, self.max_sample_chars)
         if self.has_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception:  # some templates refuse a system turn: fold it into the user's
+                folded = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}]
+                return self.tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
         return "\n\n".join(message["content"] for message in messages)
 
     @torch.no_grad()

@@ -29,8 +29,8 @@ class Text2TextGenerationPipeline(Pipeline):
     `instruction` (a string for every input, or one per input) replaces the generator; `instruction_embeddings`
     (`[D]` or `[1, D]` for every input, or `[len(inputs), D]`) replaces both; `return_experts=True` adds
     `"experts"` (each expert's mean routing weight over every routed linear and token, largest first) and
-    `"instruction"` (what was embedded; None where the query was routed locally only). Generation parameters pass
-    through to `generate`.
+    `"instruction"` (the text that was embedded; None for given embeddings and for queries routed locally only).
+    Generation parameters pass through to `generate`.
     """
 
     _pipeline_calls_generate = True
@@ -44,8 +44,8 @@ class Text2TextGenerationPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         self.instruction_generator = load_instruction_generator(instruction_generator)
         self._instruction_embedder = instruction_embedder
-        if isinstance(instruction_embedder, InstructionEmbedder) and self.routes_globally:
-            check_embedder_matches(self.model.config, instruction_embedder)
+        if instruction_embedder is not None and self.routes_globally:
+            self._instruction_embedder = self._load_instruction_embedder()  # a given one is checked now
 
     @property
     def routes_globally(self) -> bool:
@@ -53,7 +53,12 @@ class Text2TextGenerationPipeline(Pipeline):
 
     @property
     def instruction_embedder(self) -> InstructionEmbedder:
-        """The embedder of query instructions, loaded on first use and checked against the experts' embedder."""
+        """The embedder of query instructions (by default the experts' own, loaded on first use)."""
+        if not isinstance(self._instruction_embedder, InstructionEmbedder):
+            self._instruction_embedder = self._load_instruction_embedder()
+        return self._instruction_embedder
+
+    def _load_instruction_embedder(self) -> InstructionEmbedder:
         embedder = self._instruction_embedder
         if not isinstance(embedder, InstructionEmbedder):
             name = embedder or self.model.config.instruction_embedding_model
@@ -64,8 +69,7 @@ class Text2TextGenerationPipeline(Pipeline):
                     "instruction_embeddings=..., or instruction_generator=None for local routing only."
                 )
             embedder = load_embedder(str(name))
-            check_embedder_matches(self.model.config, embedder)
-            self._instruction_embedder = embedder
+        check_embedder_matches(self.model.config, embedder)
         return embedder
 
     def __call__(self, inputs, instruction=None, instruction_embeddings: torch.Tensor | None = None, **kwargs):

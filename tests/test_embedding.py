@@ -77,15 +77,17 @@ def test_cache_is_bounded_and_transparent(reference):
     assert len(embedder._cache) == 2
 
 
-def test_empty_and_very_long_texts(minilm, reference):
+@pytest.mark.parametrize("backend", ["sentence-transformers", "transformers"])
+def test_empty_and_very_long_texts(reference, backend):
+    embedder = InstructionEmbedder(backend=backend)
     with pytest.raises(ValueError, match="Instruction #1 is empty"):
-        minilm.embed(["Translate it.", "   "])
+        embedder.embed(["Translate it.", "   "])
     with pytest.raises(TypeError, match="#0 must be a string"):
-        minilm.embed([3])
+        embedder.embed([3])
     head = " ".join(["Translate the English sentence into French."] * 60)  # well over 256 tokens
     long_a = head + " " + "alpha " * 20000
     long_b = head + " " + "omega zulu " * 5000
-    got = minilm.embed([long_a, long_b])
+    got = embedder.embed([long_a, long_b])
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[0], got[1], atol=1e-6, rtol=0)  # only the first 256 tokens count
     expected = reference.encode([head], convert_to_tensor=True, normalize_embeddings=True)[0]

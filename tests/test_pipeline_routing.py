@@ -162,6 +162,10 @@ def test_embedder_checks_in_the_pipeline(library, tokenizer, tmp_path):
     other = InstructionEmbedder(DEFAULT_EMBEDDING_MODEL, model_id="intfloat/e5-small")
     with pytest.raises(ValueError, match="embedded with 'sentence-transformers/all-MiniLM-L6-v2'.*e5-small"):
         pipeline("text2text-generation", model=model, tokenizer=tokenizer, instruction_embedder=other)
+    by_alias = pipeline(
+        "text2text-generation", model=model, tokenizer=tokenizer, instruction_embedder="all-MiniLM-L6-v2"
+    )
+    assert top_expert(by_alias("What is 2 plus 2?", return_experts=True, **GENERATE)[0]) == "arithmetic"
     unnamed = GliderT5ForConditionalGeneration.from_experts(make_base(seed=5), dirs)
     unnamed.config.instruction_embedding_model = None  # a library embedded by an unknown model
     unknown = pipeline("text2text-generation", model=unnamed, tokenizer=tokenizer)
