@@ -71,6 +71,8 @@ def describe_experts(
     generator = load_instruction_generator(generator)
     if isinstance(generator, QueryInstructions):
         raise ValueError("'query' mode writes no expert instructions: give a generator (URL or model) or instructions.")
+    if data and generator is None:
+        raise ValueError(f"Samples were given for {sorted(data)}, but no instruction generator to read them.")
     directories = [Path(d) for d in expert_dirs]
     metas = {}
     for directory in directories:

@@ -302,3 +302,5 @@ def test_describe_errors(tmp_path):
         describe_experts([directory], instructions={"ghost": "Boo."})
     with pytest.raises(ValueError, match="'query' mode writes no expert instructions"):
         describe_experts([directory], generator="query")
+    with pytest.raises(ValueError, match="Samples were given for \\['lonely'\\], but no instruction generator"):
+        describe_experts([directory], data={"lonely": [{"input": "abc"}]})
