@@ -37,6 +37,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPERT_CONFIG = "glider_expert.json"
 EXPERT_WEIGHTS = "glider_expert.safetensors"
+EXPERT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, EXPERT_WEIGHTS]
+HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight$")
 # adapter_config.json entries that make an adapter something other than plain LoRA, with their plain values
 PLAIN_LORA = {
@@ -96,17 +98,40 @@ def _read_safetensors(path: Path, who: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_expert(directory: str | os.PathLike) -> Expert:
-    """Read and check one expert directory."""
-    directory = Path(directory)
-    who = f"Expert at {directory}"
+def resolve_expert_dir(spec: str | os.PathLike) -> Path:
+    """The local directory of an expert: `spec` itself when it exists (or is a path), otherwise a Hub repo id,
+    `org/name` or `org/name@revision`, whose expert files are downloaded into the Hugging Face cache."""
+    if isinstance(spec, os.PathLike) or Path(spec).exists() or not HUB_REPO_ID.match(spec):
+        return Path(spec)
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=EXPERT_FILES))
+    except (OSError, ValueError) as error:  # every Hub, network and offline error of huggingface_hub
+        raise FileNotFoundError(
+            f"Expert {spec!r}: no such local directory, and fetching it from the Hub failed: {error}"
+        ) from error
+    missing = [name for name in EXPERT_FILES[:3] if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Expert {spec!r}: the Hub repo has no {missing}; an expert repo is a PEFT LoRA adapter plus "
+            f"{EXPERT_CONFIG} (and {EXPERT_WEIGHTS} for Phatgoose gates)."
+        )
+    return directory
+
+
+def load_expert(spec: str | os.PathLike) -> Expert:
+    """Read and check one expert: a directory, or the id of a Hub repo holding one (see `resolve_expert_dir`)."""
+    directory = resolve_expert_dir(spec)
+    who = f"Expert at {spec}"
     if not directory.is_dir():
         raise FileNotFoundError(f"{who}: no such directory.")
     meta = _read_json(directory / EXPERT_CONFIG, who)
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{who}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
-    who = f"Expert {name!r} ({directory})"
+    who = f"Expert {name!r} ({spec})"
 
     adapter_config = _read_json(directory / ADAPTER_CONFIG, who)
     if adapter_config.get("peft_type") != "LORA":
@@ -151,7 +176,7 @@ def load_expert(directory: str | os.PathLike) -> Expert:
     return Expert(
         name=name,
         instruction=str(meta.get("instruction") or ""),
-        source=str(meta.get("source") or directory),
+        source=str(meta.get("source") or spec),
         adapter_config=adapter_config,
         lora_A=lora_A,
         lora_B=lora_B,

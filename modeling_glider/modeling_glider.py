@@ -442,12 +442,49 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             outputs["routing"] = record
         return outputs
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus this model's code saved flat beside the weights, so that the
-        folder (or a Hub repo made from it) loads with `trust_remote_code=True` where the package is not installed."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        folder (or a Hub repo made from it) loads with `trust_remote_code=True` where the package is not installed.
+
+        With `push_to_hub=True` the complete folder is pushed once it is written (see `push_to_hub`); `repo_id`
+        defaults to the folder's name.
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub=False, **kwargs)
+        if not is_main_process:
+            return
         for source in code_files():
             shutil.copyfile(source, Path(save_directory) / source.name)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            _hub().push_folder(save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, max_shard_size: int | str = "50GB", **push_kwargs):
+        """Push this model to the Hub as one commit: weights (safetensors), config (with `auto_map` and the custom
+        text2text-generation pipeline), this model's code, `tokenizer` if given, and a model card listing the
+        experts and the routing settings. `push_kwargs` are those of `modeling_glider.hub.push_folder`: `token`,
+        `private`, `revision`, `create_pr`, `commit_message`, `commit_description`, `eval_results` (JSON file or
+        dict for the card), `license`, `tags`, `model_card`.
+
+        The repo then loads by its id with the package (`AutoModel.from_pretrained(repo_id)`) and without it
+        (`trust_remote_code=True`). Needs the glider-t5 package (for the card template). Returns the `CommitInfo`.
+        """
+        return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
+
+
+HUB_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
+
+
+def _hub():
+    """The package's Hub module. An absolute import inside `try`: a model loaded with `trust_remote_code=True`
+    runs without the package, and transformers does not demand what is imported in a `try` block."""
+    try:
+        from modeling_glider import hub
+    except ImportError:
+        raise ImportError(
+            "Pushing a GliderT5 with its model card needs the glider-t5 package (pip install glider-t5)."
+        ) from None
+    return hub
 
 
 def code_files() -> list[Path]:

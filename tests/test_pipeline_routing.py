@@ -23,6 +23,7 @@ from modeling_glider.describe import describe_experts
 from modeling_glider.embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedder, load_embedder, packaged_model_path
 from modeling_glider.instructions import InstructionFallbackWarning, embed_query_instructions
 from tests.conftest import make_base, make_expert
+from tests.hub_server import HubServer, Repo
 from tests.llm_server import INSTRUCTIONS, ChatServer
 
 TASKS = {
@@ -217,26 +218,18 @@ def test_folder_and_hub_id(library, tokenizer, pipe, tmp_path):
     from_folder = pipeline("text2text-generation", model=str(folder))
     assert from_folder(queries, return_experts=True, **GENERATE) == expected
 
-    # A Hub id, resolved by huggingface_hub from its cache (offline), in a fresh interpreter without this package
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--glider-test--tiny-glider"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in folder.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(tmp_path / "hub"),
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_IMPORTS_SCRIPT, "glider-test/tiny-glider", json.dumps(queries)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    # A Hub id, served over HTTP by the Hub stand-in, loaded in a fresh interpreter without this package
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS", "PYTHONPATH"))}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    with HubServer() as hub:
+        hub.repos["org/routed"] = Repo("org/routed", private=False)
+        hub.repos["org/routed"].commit("Upload", {file.name: file.read_bytes() for file in folder.iterdir()})
+        result = subprocess.run(
+            [sys.executable, "-c", BLOCKED_IMPORTS_SCRIPT, "org/routed", json.dumps(queries)],
+            cwd=tmp_path, env={**env, "HF_ENDPOINT": hub.url}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    served = {path.rsplit("/", 1)[-1] for method, path, status in hub.requests if method == "GET" and status == 200}
+    assert {"config.json", "model.safetensors", "pipeline_glider.py", "embedding.py", "instructions.py"} <= served
     assert result.returncode == 0, result.stderr[-3000:]
     from_hub = json.loads(result.stdout.strip().splitlines()[-1])
     for got, want in zip(from_hub, expected):
