@@ -7,6 +7,7 @@ import torch
 
 from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration
+from modeling_glider.hub import render_model_card
 from tests.conftest import EMBED_DIM, make_base, make_expert
 
 
@@ -94,3 +95,20 @@ def test_policy_config_round_trip_and_errors(tmp_path, library):
         GliderConfig(global_routing_threshold=1.5)
     with pytest.raises(ValueError, match="global_routing_scale_unmatched"):
         GliderConfig(global_routing_scale_unmatched=math.inf)
+
+
+def test_model_card_states_the_policy_and_the_self_routing_pipeline():
+    experts = [{"name": "qa", "target_modules": ["q"], "r": 2}, {"name": "nli", "target_modules": ["q"], "r": 2}]
+    config = GliderConfig(
+        experts=experts,
+        instruction_embedding_dim=384,
+        instruction_embedding_model="sentence-transformers/all-MiniLM-L6-v2",
+        global_routing_policy="threshold",
+        global_routing_threshold=0.35,
+        global_routing_scale_unmatched=2.0,
+    )
+    card = str(render_model_card(config, "org/policy", license=None))
+    assert "| alpha policy (`global_routing_policy`) | threshold: alpha = 100.0 when a query's best cosine" in card
+    assert "reaches 0.35, else 2.0 |" in card
+    assert 'generator("your query", return_experts=True)' in card
+    assert "`sentence-transformers/all-MiniLM-L6-v2`, the model that embedded the experts' instructions" in card
