@@ -1,7 +1,11 @@
 """The `glider` command line. Each subcommand lives with the code it drives; this file only wires them up."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from .embedding import DEFAULT_EMBEDDING_MODEL
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -104,6 +108,49 @@ def _add_training_arguments(command: argparse.ArgumentParser, steps: int) -> Non
     command.add_argument("--bf16", action="store_true", help="bf16 mixed precision.")
 
 
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"glider: {option} takes NAME=VALUE, got {value!r}.")
+        pairs[name] = rest
+    return pairs
+
+
+def _describe_experts(args: argparse.Namespace) -> int:
+    from .describe import describe_experts, read_samples
+
+    instructions = json.loads(Path(args.instructions).read_text()) if args.instructions else {}
+    instructions.update(_pairs(args.instruction, "--instruction"))
+    data = {name: read_samples(path) for name, path in _pairs(args.data, "--data").items()}
+    written = describe_experts(
+        args.experts, instructions=instructions, data=data, generator=args.generator, embedder=args.embedder, k=args.k,
+        seed=args.seed,
+    )  # fmt: skip
+    for name, instruction in written.items():
+        print(f"{name}: {instruction}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from transformers import pipeline  # importing this package registered glider_t5 and the pipeline task
+
+    generator = None if args.generator == "none" else args.generator
+    pipe = pipeline(
+        "text2text-generation", model=args.model, instruction_generator=generator, instruction_embedder=args.embedder
+    )
+    outputs = pipe(
+        args.queries, instruction=args.instruction, return_experts=True, max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+    )  # fmt: skip
+    for query, (output,) in zip(args.queries, outputs):
+        experts = ", ".join(f"{e['name']} {e['weight']:.0%}" for e in output["experts"] if e["weight"] >= 0.005)
+        print(f"{query!r} -> {output['generated_text']!r}")
+        print(f"    instruction: {output['instruction']!r}    experts: {experts}")
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -193,6 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--base-name", help="base_model_name_or_path to record in the adapters.")
     convert.add_argument("--no-gates", action="store_true", help="Ignore the files' gates (e.g. Arrow checkpoints).")
     convert.set_defaults(run=_convert)
+
+    describe = commands.add_parser(
+        "describe-experts",
+        help="Give experts task instructions (human-written or written by an LLM from samples) and embed them.",
+    )
+    describe.add_argument("experts", nargs="+", help="Expert directories.")
+    describe.add_argument("--instructions", help="JSON file {expert name: instruction} of human-written instructions.")
+    describe.add_argument("--instruction", action="append", metavar="NAME=TEXT", help="One expert's instruction.")
+    describe.add_argument("--data", action="append", metavar="NAME=FILE", help="JSONL samples of an expert's task.")
+    describe.add_argument(
+        "--generator", help="Writes instructions from samples: an OpenAI-compatible URL (URL#model) or a local model."
+    )
+    describe.add_argument("--embedder", default=DEFAULT_EMBEDDING_MODEL, help="Embedding model (default: %(default)s).")
+    describe.add_argument("-k", type=int, default=3, help="Samples shown per expert (default: %(default)s).")
+    describe.add_argument("--seed", type=int, default=0, help="Seed of the sample choice (default: %(default)s).")
+    describe.set_defaults(run=_describe_experts)
+
+    generate = commands.add_parser("generate", help="Answer queries with a saved GliderT5 and show the experts used.")
+    generate.add_argument("model", help="A GliderT5 folder or Hub id.")
+    generate.add_argument("queries", nargs="+", help="Queries.")
+    generate.add_argument("--instruction", help="The task instruction to route by, instead of generating one.")
+    generate.add_argument(
+        "--generator",
+        default="query",
+        help="'query' (the query is its instruction), 'none', an OpenAI-compatible URL (URL#model) or a local model.",
+    )
+    generate.add_argument("--embedder", help="Embedding model (default: the one the experts were embedded with).")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--num-beams", type=int, default=1)
+    generate.set_defaults(run=_generate)
+
     push = commands.add_parser("push", help="Push a saved GliderT5 folder to the Hub, with a generated model card.")
     push.add_argument("folder", help="Folder written by save_pretrained (model, and tokenizer for pipelines).")
     push.add_argument("repo_id", help="Hub repo, e.g. org/glider-t5 (created if needed).")

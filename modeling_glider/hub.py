@@ -134,6 +134,7 @@ def render_model_card(
         ("Experts kept per token (`router_top_k`)", config.router_top_k),
         ("Top-p (`router_top_p`)", config.router_top_p if config.router_top_p is not None else "off"),
         ("Global routing scale alpha (`global_routing_scale`)", config.global_routing_scale),
+        ("alpha policy (`global_routing_policy`)", _alpha_policy(config)),
         ("Instruction embeddings", embedder),
     ]
     evaluation = [
@@ -167,6 +168,15 @@ def render_model_card(
             embedding_model=config.instruction_embedding_model,
             license_text=license_text,
         )
+
+
+def _alpha_policy(config: GliderConfig) -> str:
+    if config.global_routing_policy == "threshold":
+        return (
+            f"threshold: alpha = {config.global_routing_scale} when a query's best cosine similarity reaches "
+            f"{config.global_routing_threshold}, else {config.global_routing_scale_unmatched}"
+        )
+    return "fixed"
 
 
 def _folder_operations(folder: Path) -> tuple[GliderConfig, list[CommitOperationAdd]]:

@@ -403,7 +403,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
 
         instruction_embeddings (`torch.Tensor` of shape `(batch_size, instruction_embedding_dim)`, *optional*):
             One embedded instruction per query; switches on the global router for that row. Without it, routing is
-            local only (Phatgoose).
+            local only (Phatgoose); a row of zeros makes that one query local only.
         global_routing_logits (`torch.Tensor` of shape `(batch_size, num_experts)`, *optional*):
             Precomputed `alpha * cos(u, G_e)` (what `generate` passes on); exclusive with `instruction_embeddings`.
         output_routing (`bool`, *optional*):
@@ -515,7 +515,7 @@ def code_files() -> list[Path]:
     """The files a flat folder needs to run this model without the package: `auto_map` and `custom_pipelines` in
     the config point into them."""
     here = Path(__file__).parent
-    names = ("modeling_glider.py", "routing.py", "experts.py", "pipeline_glider.py")
+    names = ("modeling_glider.py", "routing.py", "experts.py", "pipeline_glider.py", "embedding.py", "instructions.py")
     return [Path(inspect.getfile(GliderConfig))] + [here / name for name in names]
 
 

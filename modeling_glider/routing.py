@@ -176,7 +176,12 @@ class GliderLinear(nn.Linear):
 
 
 class GliderGlobalRouter(nn.Module):
-    """GLIDER's global router: `alpha * cos(u, G_e)`, one bias per query and expert for every routed linear."""
+    """GLIDER's global router: `alpha * cos(u, G_e)`, one bias per query and expert for every routed linear.
+
+    alpha follows `config.global_routing_policy`: fixed, or per query by a threshold on its best cosine similarity. A
+    row of zeros in the instruction embeddings means "no instruction for this query" (e.g. its instruction could not
+    be written): that row gets no global term, so the query is routed by the local routers alone.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -199,5 +204,15 @@ class GliderGlobalRouter(nn.Module):
             bad = (~torch.isfinite(u)).any(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"instruction_embeddings rows {bad} hold NaN or inf.")
         G = self.expert_embeddings.float()
-        cosine = F.normalize(u.float().to(G.device), dim=-1) @ F.normalize(G, dim=-1).T
-        return self.config.global_routing_scale * cosine
+        u = u.float().to(G.device)
+        cosine = F.normalize(u, dim=-1) @ F.normalize(G, dim=-1).T
+        config = self.config
+        if config.global_routing_policy == "threshold":
+            matches_an_expert = cosine.max(dim=-1, keepdim=True).values >= config.global_routing_threshold
+            alpha = torch.where(
+                matches_an_expert, config.global_routing_scale, config.global_routing_scale_unmatched
+            ).float()
+        else:
+            alpha = torch.full((len(u), 1), float(config.global_routing_scale), device=G.device)
+        has_instruction = (u != 0).any(dim=-1, keepdim=True)
+        return torch.where(has_instruction, alpha * cosine, 0.0)
