@@ -1,5 +1,6 @@
 """GliderT5 configuration: a T5 config plus every routing knob and the description of the expert library."""
 
+import copy
 import math
 import re
 import sys
@@ -21,6 +22,7 @@ CUSTOM_PIPELINES = {
     }
 }
 LOCAL_ROUTERS = ("phatgoose", "arrow")
+GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
 EXPERT_KEYS = (
     "name",
     "instruction",
@@ -56,7 +58,17 @@ class GliderConfig(T5Config):
         If set, also drop the kept experts outside the smallest set whose probability reaches `router_top_p`
         (the best expert is always kept). With `router_top_k` = number of experts this is pure top-p routing.
     global_routing_scale (`float`, defaults to 100.0):
-        alpha in `logits_e = local_e + alpha * cos(u, G_e)`.
+        alpha in `logits_e = local_e + alpha * cos(u, G_e)`; with the threshold policy, the alpha of a query that
+        matches a known expert.
+    global_routing_policy (`str`, defaults to `"fixed"`):
+        How alpha is chosen per query. `"fixed"`: always `global_routing_scale`. `"threshold"`:
+        `global_routing_scale` when the query's best cosine similarity to an expert instruction reaches
+        `global_routing_threshold` (it matches a known task), `global_routing_scale_unmatched` otherwise (an unseen
+        task, where the local routers should lead).
+    global_routing_threshold (`float`, defaults to 0.3):
+        Best cosine similarity from which a query counts as matching a known expert (threshold policy only).
+    global_routing_scale_unmatched (`float`, defaults to 3.0):
+        alpha for a query that matches no known expert (threshold policy only).
     local_router (`str`, defaults to `"phatgoose"`):
         `"phatgoose"`: `LN(x) . LN(v_e) / sqrt(d_in)`; `"arrow"`: `|x . v_e| / arrow_temperature`.
     arrow_temperature (`float`, defaults to 10.0):
@@ -75,6 +87,9 @@ class GliderConfig(T5Config):
     router_top_k: int = 2
     router_top_p: float | int | None = None
     global_routing_scale: float | int = 100.0
+    global_routing_policy: str = "fixed"
+    global_routing_threshold: float | int = 0.3
+    global_routing_scale_unmatched: float | int = 3.0
     local_router: str = "phatgoose"
     arrow_temperature: float | int = 10.0
     instruction_embedding_dim: int | None = None
@@ -97,8 +112,17 @@ class GliderConfig(T5Config):
             )
         if self.router_top_p is not None and not 0.0 < self.router_top_p <= 1.0:
             raise ValueError(f"router_top_p (top_p) must be in (0, 1], got {self.router_top_p!r}.")
-        if not math.isfinite(self.global_routing_scale):
-            raise ValueError(f"global_routing_scale must be finite, got {self.global_routing_scale!r}.")
+        for name in ("global_routing_scale", "global_routing_scale_unmatched", "global_routing_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}.")
+        if self.global_routing_policy not in GLOBAL_ROUTING_POLICIES:
+            raise ValueError(
+                f"global_routing_policy must be one of {GLOBAL_ROUTING_POLICIES}, got {self.global_routing_policy!r}."
+            )
+        if not -1.0 <= self.global_routing_threshold <= 1.0:
+            raise ValueError(
+                f"global_routing_threshold is a cosine similarity in [-1, 1], got {self.global_routing_threshold!r}."
+            )
         if self.local_router not in LOCAL_ROUTERS:
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
         if not self.arrow_temperature > 0:
@@ -150,7 +174,7 @@ class GliderConfig(T5Config):
         pipelines = sys.modules.get("transformers.pipelines")
         if pipelines is not None and "text2text-generation" in pipelines.PIPELINE_REGISTRY.supported_tasks:
             return {}
-        return CUSTOM_PIPELINES
+        return copy.deepcopy(CUSTOM_PIPELINES)  # `pipeline()` rewrites the entry it is given in place
 
     @custom_pipelines.setter
     def custom_pipelines(self, value):
@@ -158,7 +182,7 @@ class GliderConfig(T5Config):
 
     def to_dict(self) -> dict:
         output = super().to_dict()
-        output["custom_pipelines"] = CUSTOM_PIPELINES
+        output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
         return output
 
     def expert_adapts(self, expert: dict, module_path: str) -> bool:

@@ -1,13 +1,177 @@
 """The `glider` command line. Each subcommand lives with the code it drives; this file only wires them up."""
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from .embedding import DEFAULT_EMBEDDING_MODEL
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=args.out)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .library import build_library
+
+    overrides = {"local_router": args.local_router, "arrow_temperature": args.arrow_temperature}
+    if args.global_routing_scale is not None:
+        overrides["global_routing_scale"] = args.global_routing_scale
+    if args.top_p is not None:
+        overrides["router_top_p"] = args.top_p
+    model = build_library(args.base, args.experts, args.out, tokenizer=args.tokenizer, top_k=args.top_k, **overrides)
+    config = model.config
+    global_router = (
+        f"global router over {config.instruction_embedding_dim}-d embeddings"
+        if model.global_router
+        else "no global router"
+    )
+    print(f"Saved a GliderT5 with {len(config.experts)} experts {config.expert_names} to {args.out}")
+    print(f"  local router {config.local_router}, top-k {config.router_top_k}, {global_router}.")
+    return 0
+
+
+def _print_once(message: str) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under torchrun / accelerate launch every process runs this command
+        print(message)
+
+
+def _training_options(args: argparse.Namespace) -> dict:
+    return {
+        "tokenizer": args.tokenizer,
+        "batch_size": args.batch_size,
+        "max_source_length": args.max_source_length,
+        "max_target_length": args.max_target_length,
+        "seed": args.seed,
+        "bf16": args.bf16,
+        "trainer_args": {"gradient_accumulation_steps": args.gradient_accumulation_steps},
+    }
+
+
+def _train_gates(args: argparse.Namespace) -> int:
+    from .training import train_gates
+
+    directory = train_gates(
+        args.base, args.expert, args.data, name=args.name, instruction=args.instruction, steps=args.steps,
+        learning_rate=args.learning_rate, **_training_options(args),
+    )  # fmt: skip
+    _print_once(f"Wrote Phatgoose gates to {directory / 'glider_expert.safetensors'}")
+    return 0
+
+
+def _train_expert(args: argparse.Namespace) -> int:
+    from .training import train_expert
+
+    directory = train_expert(
+        args.base, args.data, args.out, name=args.name, instruction=args.instruction, r=args.r,
+        lora_alpha=args.lora_alpha, target_modules=args.target_modules, steps=args.steps,
+        learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, train_gates_after=not args.no_gates,
+        gate_steps=args.gate_steps, gate_learning_rate=args.gate_learning_rate, **_training_options(args),
+    )  # fmt: skip
+    _print_once(f"Wrote expert {args.name!r} to {directory}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoints
+
+    directories = convert_checkpoints(
+        args.checkpoints, args.out, names=args.names, embeddings=args.embeddings, instructions=args.instructions,
+        embedding_model=args.embedding_model, embedding_dim=args.embedding_dim, lora_alpha=args.lora_alpha,
+        base=args.base, base_model_name_or_path=args.base_name, gates=not args.no_gates,
+    )  # fmt: skip
+    print(f"Converted {len(directories)} experts into {args.out}: {[d.name for d in directories]}")
+    return 0
+
+
+def _add_training_arguments(command: argparse.ArgumentParser, steps: int) -> None:
+    command.add_argument("--base", required=True, help="The base T5: Hub id or folder.")
+    command.add_argument("--data", required=True, help='JSONL file of {"input": ..., "target": ...} objects.')
+    command.add_argument("--tokenizer", help="Tokenizer (default: the base's).")
+    command.add_argument("--steps", type=int, default=steps, help="Optimizer steps (default: %(default)s).")
+    command.add_argument(
+        "--learning-rate", type=float, default=5e-3, help="AdamW learning rate (default: %(default)s)."
+    )
+    command.add_argument(
+        "--batch-size", type=int, default=8, help="Examples per device and step (default: %(default)s)."
+    )
+    command.add_argument("--gradient-accumulation-steps", type=int, default=1, help="(default: %(default)s)")
+    command.add_argument("--max-source-length", type=int, default=512, help="(default: %(default)s)")
+    command.add_argument("--max-target-length", type=int, default=128, help="(default: %(default)s)")
+    command.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    command.add_argument("--bf16", action="store_true", help="bf16 mixed precision.")
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"glider: {option} takes NAME=VALUE, got {value!r}.")
+        pairs[name] = rest
+    return pairs
+
+
+def _describe_experts(args: argparse.Namespace) -> int:
+    from .describe import describe_experts, read_samples
+
+    instructions = json.loads(Path(args.instructions).read_text()) if args.instructions else {}
+    instructions.update(_pairs(args.instruction, "--instruction"))
+    data = {name: read_samples(path) for name, path in _pairs(args.data, "--data").items()}
+    written = describe_experts(
+        args.experts, instructions=instructions, data=data, generator=args.generator, embedder=args.embedder, k=args.k,
+        seed=args.seed,
+    )  # fmt: skip
+    for name, instruction in written.items():
+        print(f"{name}: {instruction}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from transformers import pipeline  # importing this package registered glider_t5 and the pipeline task
+
+    generator = None if args.generator == "none" else args.generator
+    pipe = pipeline(
+        "text2text-generation", model=args.model, instruction_generator=generator, instruction_embedder=args.embedder
+    )
+    outputs = pipe(
+        args.queries, instruction=args.instruction, return_experts=True, max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+    )  # fmt: skip
+    for query, (output,) in zip(args.queries, outputs):
+        experts = ", ".join(f"{e['name']} {e['weight']:.0%}" for e in output["experts"] if e["weight"] >= 0.005)
+        print(f"{query!r} -> {output['generated_text']!r}")
+        print(f"    instruction: {output['instruction']!r}    experts: {experts}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import push_folder
+
+    try:
+        commit = push_folder(
+            args.folder,
+            args.repo_id,
+            token=args.token,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.message,
+            eval_results=args.eval_results,
+            license=args.license,
+            model_card=None if args.card is None else open(args.card, encoding="utf-8").read(),
+        )
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        print(f"glider push: {error}", file=sys.stderr)
+        return 1
+    print(f"Pushed {args.folder} to {args.repo_id}: {commit.commit_url}")
     return 0
 
 
@@ -18,12 +182,116 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="Build a small GliderT5 and show which experts each query uses.")
     demo.add_argument("--out", default="glider-demo", help="Folder for the demo's outputs (default: %(default)s).")
     demo.set_defaults(run=_demo)
+
+    build = commands.add_parser("build", help="Build and save a GliderT5 from LoRA experts or PEFT adapters.")
+    build.add_argument("--base", required=True, help="The base T5 the experts were trained from: Hub id or folder.")
+    build.add_argument(
+        "--experts", required=True, nargs="+", metavar="DIR_OR_HUB_ID",
+        help="Expert directories or plain PEFT LoRA adapters: folders or Hub repo ids (owner/name[@revision]).",
+    )  # fmt: skip
+    build.add_argument("--out", required=True, help="Folder for the saved model (must not exist or be empty).")
+    build.add_argument("--tokenizer", help="Tokenizer to save with the model (default: the base's, if it has one).")
+    build.add_argument("--top-k", type=int, default=2, help="Experts per token and linear (default: %(default)s).")
+    build.add_argument("--top-p", type=float, help="Also keep only the experts within this probability mass.")
+    build.add_argument("--global-routing-scale", type=float, help="alpha of the global router (default: 100).")
+    build.add_argument("--local-router", choices=["phatgoose", "arrow"], default="phatgoose",
+                       help="Trained Phatgoose gates, or training-free Arrow prototypes (default: %(default)s).")  # fmt: skip
+    build.add_argument("--arrow-temperature", type=float, default=10.0, help="T of Arrow (default: %(default)s).")
+    build.set_defaults(run=_build)
+
+    gates = commands.add_parser("train-gates", help="Train the Phatgoose gates of one LoRA expert on its task data.")
+    _add_training_arguments(gates, steps=100)
+    gates.add_argument("--expert", required=True, help="Expert directory or plain PEFT LoRA adapter folder.")
+    gates.add_argument("--name", help="Name for a plain adapter (default: its folder's name).")
+    gates.add_argument("--instruction", help="The expert's task instruction, written to glider_expert.json.")
+    gates.set_defaults(run=_train_gates)
+
+    expert = commands.add_parser("train-expert", help="Train a new LoRA expert (PEFT), then its gates.")
+    _add_training_arguments(expert, steps=1000)
+    expert.add_argument("--out", required=True, help="The new expert directory (must not exist or be empty).")
+    expert.add_argument("--name", required=True, help="The expert's name.")
+    expert.add_argument("--instruction", default="", help="The expert's task instruction.")
+    expert.add_argument("--r", type=int, default=16, help="LoRA rank (default: %(default)s).")
+    expert.add_argument(
+        "--lora-alpha", type=float, default=1.0, help="LoRA alpha; scaling alpha/r (default: %(default)s)."
+    )
+    expert.add_argument("--target-modules", nargs="+", default=["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+                        help="PEFT target modules (default: every linear of every block).")  # fmt: skip
+    expert.add_argument("--warmup-ratio", type=float, default=0.06, help="(default: %(default)s)")
+    expert.add_argument("--no-gates", action="store_true", help="Skip gate training (Arrow needs none).")
+    expert.add_argument("--gate-steps", type=int, default=100, help="(default: %(default)s)")
+    expert.add_argument("--gate-learning-rate", type=float, default=5e-3, help="(default: %(default)s)")
+    expert.set_defaults(run=_train_expert)
+
+    convert = commands.add_parser(
+        "convert", help="Convert released GLIDER/Phatgoose checkpoints to expert directories."
+    )
+    convert.add_argument(
+        "checkpoints", nargs="+", help="<task>_best.pt files, Phatgoose checkpoints, or folders of them."
+    )
+    convert.add_argument("--out", required=True, help="Folder that receives one expert directory per expert.")
+    convert.add_argument("--names", nargs="+", help="Expert names in order (needed for Phatgoose checkpoints).")
+    convert.add_argument("--embeddings", help="torch.save'd {task: tensor} instruction embeddings.")
+    convert.add_argument("--instructions", help="JSON {task: text or [texts]}.")
+    convert.add_argument("--embedding-model", help="Name of the model that embedded the instructions.")
+    convert.add_argument("--embedding-dim", type=int, help="Keep only the first N embedding values (Matryoshka).")
+    convert.add_argument("--lora-alpha", type=float, default=1.0, help="1 reproduces their 1/r scaling (default).")
+    convert.add_argument("--base", help="Base T5 (Hub id or folder; only its config is read) to check shapes against.")
+    convert.add_argument("--base-name", help="base_model_name_or_path to record in the adapters.")
+    convert.add_argument("--no-gates", action="store_true", help="Ignore the files' gates (e.g. Arrow checkpoints).")
+    convert.set_defaults(run=_convert)
+
+    describe = commands.add_parser(
+        "describe-experts",
+        help="Give experts task instructions (human-written or written by an LLM from samples) and embed them.",
+    )
+    describe.add_argument("experts", nargs="+", help="Expert directories.")
+    describe.add_argument("--instructions", help="JSON file {expert name: instruction} of human-written instructions.")
+    describe.add_argument("--instruction", action="append", metavar="NAME=TEXT", help="One expert's instruction.")
+    describe.add_argument("--data", action="append", metavar="NAME=FILE", help="JSONL samples of an expert's task.")
+    describe.add_argument(
+        "--generator", help="Writes instructions from samples: an OpenAI-compatible URL (URL#model) or a local model."
+    )
+    describe.add_argument("--embedder", default=DEFAULT_EMBEDDING_MODEL, help="Embedding model (default: %(default)s).")
+    describe.add_argument("-k", type=int, default=3, help="Samples shown per expert (default: %(default)s).")
+    describe.add_argument("--seed", type=int, default=0, help="Seed of the sample choice (default: %(default)s).")
+    describe.set_defaults(run=_describe_experts)
+
+    generate = commands.add_parser("generate", help="Answer queries with a saved GliderT5 and show the experts used.")
+    generate.add_argument("model", help="A GliderT5 folder or Hub id.")
+    generate.add_argument("queries", nargs="+", help="Queries.")
+    generate.add_argument("--instruction", help="The task instruction to route by, instead of generating one.")
+    generate.add_argument(
+        "--generator",
+        default="query",
+        help="'query' (the query is its instruction), 'none', an OpenAI-compatible URL (URL#model) or a local model.",
+    )
+    generate.add_argument("--embedder", help="Embedding model (default: the one the experts were embedded with).")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--num-beams", type=int, default=1)
+    generate.set_defaults(run=_generate)
+
+    push = commands.add_parser("push", help="Push a saved GliderT5 folder to the Hub, with a generated model card.")
+    push.add_argument("folder", help="Folder written by save_pretrained (model, and tokenizer for pipelines).")
+    push.add_argument("repo_id", help="Hub repo, e.g. org/glider-t5 (created if needed).")
+    push.add_argument("--eval-results", help="JSON of evaluation results for the card (see modeling_glider.hub).")
+    push.add_argument("--card", help="Upload this model card instead of generating one.")
+    push.add_argument("--license", default="apache-2.0", help="License for the card (default: %(default)s).")
+    push.add_argument("--private", action="store_true", default=None, help="Create the repo private.")
+    push.add_argument("--revision", help="Existing branch to commit to (default: main).")
+    push.add_argument("--message", help="Commit message.")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login).")
+    push.set_defaults(run=_push)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as error:  # bad input: the message names the culprit
+        print(f"glider {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

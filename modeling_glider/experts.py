@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from transformers import T5ForConditionalGeneration
 from transformers.initialization import no_init_weights
 
+from .routing import GliderLinear
+
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
     from .configuration_glider import GliderConfig
 except ImportError:  # the installed packages
@@ -37,6 +39,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPERT_CONFIG = "glider_expert.json"
 EXPERT_WEIGHTS = "glider_expert.safetensors"
+EXPERT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, EXPERT_WEIGHTS]
+HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight$")
 # adapter_config.json entries that make an adapter something other than plain LoRA, with their plain values
 PLAIN_LORA = {
@@ -96,17 +100,44 @@ def _read_safetensors(path: Path, who: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_expert(directory: str | os.PathLike) -> Expert:
-    """Read and check one expert directory."""
-    directory = Path(directory)
-    who = f"Expert at {directory}"
+def resolve_expert_dir(spec: str | os.PathLike) -> Path:
+    """The local directory of an expert: `spec` itself when it exists (or is a path), otherwise a Hub repo id,
+    `org/name` or `org/name@revision`, whose expert files are downloaded into the Hugging Face cache."""
+    if isinstance(spec, os.PathLike) or Path(spec).exists() or not HUB_REPO_ID.match(spec):
+        return Path(spec)
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=EXPERT_FILES))
+    except (OSError, ValueError) as error:  # every Hub, network and offline error of huggingface_hub
+        raise FileNotFoundError(
+            f"Expert {spec!r}: no such local directory, and fetching it from the Hub failed: {error}"
+        ) from error
+    missing = [name for name in EXPERT_FILES[:2] if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Expert {spec!r}: the Hub repo has no {missing}; an expert repo is a PEFT LoRA adapter plus "
+            f"{EXPERT_CONFIG} (and {EXPERT_WEIGHTS} for Phatgoose gates)."
+        )
+    return directory
+
+
+def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
+    """Read and check one expert: a directory, or the id of a Hub repo holding one (see `resolve_expert_dir`). With
+    `name`, a plain PEFT adapter (no `glider_expert.json`) is read as an expert of that name with no instruction."""
+    directory = resolve_expert_dir(spec)
+    who = f"Expert at {spec}"
     if not directory.is_dir():
         raise FileNotFoundError(f"{who}: no such directory.")
-    meta = _read_json(directory / EXPERT_CONFIG, who)
+    if name is not None and not (directory / EXPERT_CONFIG).exists():
+        meta = {"name": name}
+    else:
+        meta = _read_json(directory / EXPERT_CONFIG, who)
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{who}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
-    who = f"Expert {name!r} ({directory})"
+    who = f"Expert {name!r} ({spec})"
 
     adapter_config = _read_json(directory / ADAPTER_CONFIG, who)
     if adapter_config.get("peft_type") != "LORA":
@@ -151,7 +182,7 @@ def load_expert(directory: str | os.PathLike) -> Expert:
     return Expert(
         name=name,
         instruction=str(meta.get("instruction") or ""),
-        source=str(meta.get("source") or directory),
+        source=str(meta.get("source") or spec),
         adapter_config=adapter_config,
         lora_A=lora_A,
         lora_B=lora_B,
@@ -240,12 +271,86 @@ def _config_entry(expert: Expert, linears: dict[str, nn.Linear]) -> dict:
     }
 
 
+def _lora_scalings(expert: Expert, entry: dict, config: GliderConfig) -> dict[str, float]:
+    """Module path -> the expert's LoRA scaling there; checks each rank against what adapter_config.json implies."""
+    scalings = {}
+    for path in expert.module_paths:
+        rank, scalings[path] = config.expert_rank_and_scaling(entry, path)
+        if rank != expert.lora_A[path].shape[0]:
+            raise ValueError(
+                f"Expert {expert.name!r} ({expert.source}): {path} has rank {expert.lora_A[path].shape[0]} but "
+                f"adapter_config.json implies {rank}."
+            )
+    return scalings
+
+
+def expert_lora_scalings(expert: Expert, linears: dict[str, nn.Linear]) -> dict[str, float]:
+    """Module path -> the LoRA scaling of `expert` there, as PEFT computes it (alpha/r, or alpha/sqrt(r) with rslora;
+    rank and alpha patterns honoured)."""
+    config = GliderConfig(experts=[_config_entry(expert, linears)], router_top_k=1)
+    return _lora_scalings(expert, config.experts[0], config)
+
+
+def _router_gates(expert: Expert, entry: dict, config: GliderConfig, linears: dict[str, nn.Linear]) -> dict:
+    """Module path -> what the local router scores this expert by there: its Phatgoose gate, or its Arrow prototype."""
+    who = f"Expert {expert.name!r} ({expert.source})"
+    _lora_scalings(expert, entry, config)  # checks every rank against adapter_config.json
+    gates = {}
+    for path in expert.module_paths:
+        if config.local_router == "arrow":
+            gates[path] = arrow_prototype(expert.lora_A[path], expert.lora_B[path])
+        elif path in expert.gates:
+            if expert.gates[path].numel() != linears[path].in_features:
+                raise ValueError(
+                    f"{who}: gate for {path} has {expert.gates[path].numel()} values, expected {linears[path].in_features}."
+                )
+            gates[path] = expert.gates[path]
+        else:
+            raise ValueError(
+                f"{who}: no Phatgoose gate for {path} in {EXPERT_WEIGHTS}. Train the gates (`glider train-gates`) "
+                "or build with local_router='arrow', which needs none."
+            )
+    return gates
+
+
 def arrow_prototype(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-    """Arrow's prototype: the top right singular vector of B A (`[d_in]`). Its sign is arbitrary, and harmless:
-    Arrow scores `|v . x|`. Computed in the rank-r subspace, never forming the d_out x d_in product."""
+    """Arrow's prototype: the top right singular vector of B A (`[d_in]`), computed in the rank-r subspace without
+    forming the d_out x d_in product.
+
+    A singular vector is defined up to sign. Arrow scores `|v . x|`, so the sign cannot change routing; it is still
+    fixed (largest-magnitude entry positive) so that prototypes do not depend on the LAPACK build.
+    """
     Q, R = torch.linalg.qr(lora_A.double().T)  # A = R^T Q^T, Q [d_in, r] orthonormal
     _, _, Vh = torch.linalg.svd(lora_B.double() @ R.T, full_matrices=False)
-    return (Q @ Vh[0]).float()
+    prototype = Q @ Vh[0]
+    return (prototype * prototype[prototype.abs().argmax()].sign()).float()
+
+
+def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None]:
+    """The width and embedding model of the experts' instruction embeddings: all experts have one, or none has."""
+    with_embedding = [e.name for e in experts if e.instruction_embedding is not None]
+    if not with_embedding:
+        return None, None
+    if len(with_embedding) != len(experts):
+        missing = [e.name for e in experts if e.instruction_embedding is None]
+        raise ValueError(
+            f"Experts {missing} have no instruction_embedding while {with_embedding} do: give all or none."
+        )
+    widths = {e.name: e.instruction_embedding.numel() for e in experts}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"Experts' instruction embeddings differ in width: {widths}.")
+    models = {e.embedding_model for e in experts}
+    if len(models) > 1:
+        raise ValueError(f"Experts' instructions were embedded with different models: {sorted(map(str, models))}.")
+    return widths[experts[0].name], models.pop()
+
+
+def _check_base_names(experts: list[Expert]) -> None:
+    """Warn when the experts' adapters name different base models (shapes are checked against the base itself)."""
+    claimed = {e.name: e.adapter_config.get("base_model_name_or_path") for e in experts}
+    claimed = {name: base for name, base in claimed.items() if base}
+    if len({Path(base).name for base in claimed.values()}) > 1:
+        warnings.warn(f"The experts' adapters name different base models: {claimed}.", stacklevel=3)
 
 
 def build_glider_model(cls, base, expert_dirs: list, **config_fields):
@@ -267,22 +372,9 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
     base_name = base.config.name_or_path
     for expert in experts:
         _check_against_base(expert, linears, base_name)
+    _check_base_names(experts)
 
-    with_embedding = [e.name for e in experts if e.instruction_embedding is not None]
-    embedding_dim = embedding_model = None
-    if with_embedding:
-        if len(with_embedding) != len(experts):
-            missing = [e.name for e in experts if e.instruction_embedding is None]
-            raise ValueError(
-                f"Experts {missing} have no instruction_embedding while {with_embedding} do: give all or none."
-            )
-        widths = {e.name: e.instruction_embedding.numel() for e in experts}
-        if len(set(widths.values())) > 1:
-            raise ValueError(f"Experts' instruction embeddings differ in width: {widths}.")
-        models = {e.embedding_model for e in experts}
-        if len(models) > 1:
-            raise ValueError(f"Experts' instructions were embedded with different models: {sorted(map(str, models))}.")
-        embedding_dim, embedding_model = widths[names[0]], models.pop()
+    embedding_dim, embedding_model = _check_embeddings(experts)
 
     base_config = base.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
@@ -298,28 +390,7 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
         }
     )
 
-    gates = {}
-    for expert in experts:
-        who = f"Expert {expert.name!r} ({expert.source})"
-        for path in expert.module_paths:
-            rank, _ = config.expert_rank_and_scaling(config.experts[names.index(expert.name)], path)
-            if rank != expert.lora_A[path].shape[0]:
-                raise ValueError(
-                    f"{who}: {path} has rank {expert.lora_A[path].shape[0]} but adapter_config.json implies {rank}."
-                )
-            if config.local_router == "arrow":
-                gates[expert.name, path] = arrow_prototype(expert.lora_A[path], expert.lora_B[path])
-            elif path in expert.gates:
-                if expert.gates[path].numel() != linears[path].in_features:
-                    raise ValueError(
-                        f"{who}: gate for {path} has {expert.gates[path].numel()} values, expected {linears[path].in_features}."
-                    )
-                gates[expert.name, path] = expert.gates[path]
-            else:
-                raise ValueError(
-                    f"{who}: no Phatgoose gate for {path} in {EXPERT_WEIGHTS}. Train the gates (`glider train-gates`) "
-                    "or build with local_router='arrow', which needs none."
-                )
+    gates = [_router_gates(expert, entry, config, linears) for expert, entry in zip(experts, config.experts)]
 
     with no_init_weights():
         model = cls(config)
@@ -338,14 +409,95 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
 
     with torch.no_grad():
         for path, module in model.named_modules():
-            if not getattr(module, "num_experts", 0):
-                continue
-            for slot, expert_id in enumerate(module.expert_ids):
-                expert = experts[expert_id]
-                rank = expert.lora_A[path].shape[0]
-                module.lora_A[slot].zero_()[:rank] = expert.lora_A[path]
-                module.lora_B[slot].zero_()[:, :rank] = expert.lora_B[path]
-                module.router_gate[slot] = gates[expert.name, path]
+            if isinstance(module, GliderLinear) and module.num_experts:
+                module.set_experts(
+                    {i: (experts[i].lora_A[path], experts[i].lora_B[path], gates[i][path]) for i in module.expert_ids}
+                )
         if model.global_router is not None:
             model.global_router.expert_embeddings.copy_(torch.stack([e.instruction_embedding for e in experts]))
     return model.train(base.training)
+
+
+# Growing and shrinking a built library in place. Each check runs before anything changes; then the config's expert
+# list changes and every routed linear re-derives its experts from it, exactly as a build from scratch would.
+
+
+def add_expert(model, directory: str | os.PathLike) -> None:
+    """See `GliderT5ForConditionalGeneration.add_expert`."""
+    expert = load_expert(directory)
+    config = model.config
+    who = f"Expert {expert.name!r} ({expert.source})"
+    if expert.name in config.expert_names:
+        raise ValueError(
+            f"{who}: the library already has an expert named {expert.name!r}; every expert needs its own name."
+        )
+    linears = routable_linears(model)
+    _check_against_base(expert, linears, config.base_model_name_or_path or "")
+    if (model.global_router is None) != (expert.instruction_embedding is None):
+        has = "has" if expert.instruction_embedding is not None else "has no"
+        library = "has none" if model.global_router is None else "has one for every expert"
+        raise ValueError(f"{who} {has} instruction_embedding, but the library {library}: give all experts one or none.")
+    if expert.instruction_embedding is not None:
+        if expert.instruction_embedding.numel() != config.instruction_embedding_dim:
+            raise ValueError(
+                f"{who}: instruction_embedding has {expert.instruction_embedding.numel()} values, the library's "
+                f"have {config.instruction_embedding_dim}."
+            )
+        if expert.embedding_model != config.instruction_embedding_model:
+            raise ValueError(
+                f"{who}: instruction embedded with {expert.embedding_model!r}, the library's with "
+                f"{config.instruction_embedding_model!r}."
+            )
+    entry = GliderConfig._normalise_expert(len(config.experts), _config_entry(expert, linears))
+    gates = _router_gates(expert, entry, config, linears)
+
+    new_id = len(config.experts)
+    tensors = {}
+    for path, module in model.named_modules():
+        if isinstance(module, GliderLinear):
+            tensors[path] = module.expert_tensors()
+            if path in gates:
+                tensors[path][new_id] = (expert.lora_A[path], expert.lora_B[path], gates[path])
+    embeddings = None
+    if model.global_router is not None:
+        old = model.global_router.expert_embeddings
+        embeddings = torch.cat([old, expert.instruction_embedding.to(old)[None]])
+    _set_library(model, [*config.experts, entry], tensors, embeddings)
+
+
+def remove_expert(model, name: str) -> None:
+    """See `GliderT5ForConditionalGeneration.remove_expert`."""
+    config = model.config
+    if name not in config.expert_names:
+        raise ValueError(f"No expert named {name!r} in the library; its experts are {config.expert_names}.")
+    if len(config.experts) == 1:
+        raise ValueError(f"Expert {name!r} is the library's only expert; a GliderT5 needs at least one.")
+    if config.router_top_k > len(config.experts) - 1:
+        raise ValueError(
+            f"Removing expert {name!r} would leave {len(config.experts) - 1} experts, fewer than router_top_k "
+            f"= {config.router_top_k}; lower model.config.router_top_k first."
+        )
+    removed = config.expert_names.index(name)
+    tensors = {}
+    for path, module in model.named_modules():
+        if isinstance(module, GliderLinear):
+            kept = {i: t for i, t in module.expert_tensors().items() if i != removed}
+            tensors[path] = {(i if i < removed else i - 1): t for i, t in kept.items()}
+    embeddings = None
+    if model.global_router is not None:
+        old = model.global_router.expert_embeddings
+        embeddings = torch.cat([old[:removed], old[removed + 1 :]])
+    _set_library(model, [e for e in config.experts if e["name"] != name], tensors, embeddings)
+
+
+def _set_library(model, experts: list[dict], tensors: dict, embeddings: torch.Tensor | None) -> None:
+    """Install a new expert list: in the model's config and its encoder's and decoder's copies, in every routed
+    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router."""
+    for config in (model.config, model.encoder.config, model.decoder.config):
+        config.experts = list(experts)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if isinstance(module, GliderLinear):
+                module.set_experts(tensors[path])
+        if embeddings is not None:
+            model.global_router.expert_embeddings = embeddings

@@ -7,7 +7,9 @@ arguments from the stack down to each linear. T5's stack already forwards extra 
 and attention layers; the feed-forward path and the attention projections are the parts that had to learn them.
 """
 
+import copy
 import inspect
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,20 +304,23 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         self.model_dim = config.d_model
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
 
-        encoder_config = GliderConfig(**config.to_dict())
+        encoder_config = copy.deepcopy(config)
         encoder_config.is_decoder = False
         encoder_config.use_cache = False
-        encoder_config._attn_implementation = config._attn_implementation
         self.encoder = GliderT5Stack(encoder_config, "encoder")
 
-        decoder_config = GliderConfig(**config.to_dict())
+        decoder_config = copy.deepcopy(config)
         decoder_config.is_decoder = True
         decoder_config.num_layers = config.num_decoder_layers
-        decoder_config._attn_implementation = config._attn_implementation
         self.decoder = GliderT5Stack(decoder_config, "decoder")
 
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.global_router = GliderGlobalRouter(config) if config.instruction_embedding_dim else None
+        # The stacks hold copies of the config (as in T5); routing reads the model's own, so that changing a knob
+        # on `model.config` (e.g. `router_top_k`) takes effect everywhere.
+        for module in self.modules():
+            if isinstance(module, (GliderLinear, GliderGlobalRouter)):
+                module.config = config
         self.post_init()
 
     @classmethod
@@ -338,6 +343,24 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         if global_routing_scale is not None:
             config_overrides["global_routing_scale"] = global_routing_scale
         return build_glider_model(cls, base, experts, router_top_k=top_k, **config_overrides)
+
+    def add_expert(self, expert: str | os.PathLike) -> None:
+        """Add one expert (a directory or a Hub repo id) to the library, in place, without touching the other experts.
+
+        The expert is checked like `from_experts` checks it (shapes against this base, a gate for every linear it adapts
+        unless `local_router="arrow"`, an instruction embedding of the library's width iff the library has them). It
+        gets the next expert index; the model then saves, loads and routes exactly like one built from scratch with the
+        same experts in the same order.
+        """
+        from .experts import add_expert
+
+        add_expert(self, expert)
+
+    def remove_expert(self, name: str) -> None:
+        """Remove the expert called `name` from the library, in place; the later experts move up one index."""
+        from .experts import remove_expert
+
+        remove_expert(self, name)
 
     def global_routing_logits(
         self, instruction_embeddings: torch.Tensor, batch_size: int | None = None
@@ -380,7 +403,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
 
         instruction_embeddings (`torch.Tensor` of shape `(batch_size, instruction_embedding_dim)`, *optional*):
             One embedded instruction per query; switches on the global router for that row. Without it, routing is
-            local only (Phatgoose).
+            local only (Phatgoose); a row of zeros makes that one query local only.
         global_routing_logits (`torch.Tensor` of shape `(batch_size, num_experts)`, *optional*):
             Precomputed `alpha * cos(u, G_e)` (what `generate` passes on); exclusive with `instruction_embeddings`.
         output_routing (`bool`, *optional*):
@@ -443,19 +466,56 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             outputs["routing"] = record
         return outputs
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus this model's code saved flat beside the weights, so that the
-        folder (or a Hub repo made from it) loads with `trust_remote_code=True` where the package is not installed."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        folder (or a Hub repo made from it) loads with `trust_remote_code=True` where the package is not installed.
+
+        With `push_to_hub=True` the complete folder is pushed once it is written (see `push_to_hub`); `repo_id`
+        defaults to the folder's name.
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub=False, **kwargs)
+        if not is_main_process:
+            return
         for source in code_files():
             shutil.copyfile(source, Path(save_directory) / source.name)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            _hub().push_folder(save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, max_shard_size: int | str = "50GB", **push_kwargs):
+        """Push this model to the Hub as one commit: weights (safetensors), config (with `auto_map` and the custom
+        text2text-generation pipeline), this model's code, `tokenizer` if given, and a model card listing the
+        experts and the routing settings. `push_kwargs` are those of `modeling_glider.hub.push_folder`: `token`,
+        `private`, `revision`, `create_pr`, `commit_message`, `commit_description`, `eval_results` (JSON file or
+        dict for the card), `license`, `tags`, `model_card`.
+
+        The repo then loads by its id with the package (`AutoModel.from_pretrained(repo_id)`) and without it
+        (`trust_remote_code=True`). Needs the glider-t5 package (for the card template). Returns the `CommitInfo`.
+        """
+        return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
+
+
+HUB_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
+
+
+def _hub():
+    """The package's Hub module. An absolute import inside `try`: a model loaded with `trust_remote_code=True`
+    runs without the package, and transformers does not demand what is imported in a `try` block."""
+    try:
+        from modeling_glider import hub
+    except ImportError:
+        raise ImportError(
+            "Pushing a GliderT5 with its model card needs the glider-t5 package (pip install glider-t5)."
+        ) from None
+    return hub
 
 
 def code_files() -> list[Path]:
     """The files a flat folder needs to run this model without the package: `auto_map` and `custom_pipelines` in
     the config point into them."""
     here = Path(__file__).parent
-    names = ("modeling_glider.py", "routing.py", "experts.py", "pipeline_glider.py")
+    names = ("modeling_glider.py", "routing.py", "experts.py", "pipeline_glider.py", "embedding.py", "instructions.py")
     return [Path(inspect.getfile(GliderConfig))] + [here / name for name in names]
 
 

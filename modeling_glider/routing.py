@@ -96,22 +96,44 @@ class GliderLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.config = config
         self.module_path = module_path
-        experts = config.module_experts(module_path)
+        self.set_experts()
+
+    def set_experts(self, tensors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Derive which experts adapt this linear, their ranks and scalings from `self.config`, and (re)allocate the
+        stacked expert tensors: zero, or filled from `tensors` (expert id -> unpadded `A [r, d_in]`, `B [d_out, r]`,
+        `gate [d_in]`). Adding or removing an expert is: change the config, then call this with every expert's tensors.
+        """
+        experts = self.config.module_experts(self.module_path)
         self.expert_ids = [e for e, _, _ in experts]
         self.expert_ranks = [r for _, r, _ in experts]
         self.expert_scalings = [s for _, _, s in experts]
         num_experts, max_rank = len(experts), max(self.expert_ranks, default=0)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         if num_experts:
-            self.lora_A = nn.Parameter(torch.zeros(num_experts, max_rank, in_features))
-            self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, max_rank))
-            self.router_gate = nn.Parameter(torch.zeros(num_experts, in_features))
+            lora_A = torch.zeros(num_experts, max_rank, self.in_features, **factory)
+            lora_B = torch.zeros(num_experts, self.out_features, max_rank, **factory)
+            router_gate = torch.zeros(num_experts, self.in_features, **factory)
+            for slot, (expert_id, rank) in enumerate(zip(self.expert_ids, self.expert_ranks)):
+                if tensors is not None:  # ranks zero-padded to the largest rank here
+                    A, B, gate = tensors[expert_id]
+                    lora_A[slot, :rank], lora_B[slot, :, :rank], router_gate[slot] = A, B, gate
+            self.lora_A, self.lora_B, self.router_gate = map(nn.Parameter, (lora_A, lora_B, router_gate))
         else:
-            self.register_parameter("lora_A", None)
-            self.register_parameter("lora_B", None)
-            self.register_parameter("router_gate", None)
+            for name in ("lora_A", "lora_B", "router_gate"):
+                self.register_parameter(name, None)
         # Derived from the config, so not saved; `_init_weights` rebuilds them after a meta-device load.
-        self.register_buffer("lora_scaling", torch.tensor(self.expert_scalings), persistent=False)
-        self.register_buffer("expert_index", torch.tensor(self.expert_ids, dtype=torch.long), persistent=False)
+        device = self.weight.device
+        self.register_buffer("lora_scaling", torch.tensor(self.expert_scalings, device=device), persistent=False)
+        self.register_buffer(
+            "expert_index", torch.tensor(self.expert_ids, dtype=torch.long, device=device), persistent=False
+        )
+
+    def expert_tensors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Expert id -> this linear's unpadded `(A [r, d_in], B [d_out, r], gate [d_in])` of that expert."""
+        return {
+            expert_id: (self.lora_A[slot, :rank], self.lora_B[slot, :, :rank], self.router_gate[slot])
+            for slot, (expert_id, rank) in enumerate(zip(self.expert_ids, self.expert_ranks))
+        }
 
     @property
     def num_experts(self) -> int:
@@ -154,7 +176,12 @@ class GliderLinear(nn.Linear):
 
 
 class GliderGlobalRouter(nn.Module):
-    """GLIDER's global router: `alpha * cos(u, G_e)`, one bias per query and expert for every routed linear."""
+    """GLIDER's global router: `alpha * cos(u, G_e)`, one bias per query and expert for every routed linear.
+
+    alpha follows `config.global_routing_policy`: fixed, or per query by a threshold on its best cosine similarity. A
+    row of zeros in the instruction embeddings means "no instruction for this query" (e.g. its instruction could not
+    be written): that row gets no global term, so the query is routed by the local routers alone.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -177,5 +204,15 @@ class GliderGlobalRouter(nn.Module):
             bad = (~torch.isfinite(u)).any(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"instruction_embeddings rows {bad} hold NaN or inf.")
         G = self.expert_embeddings.float()
-        cosine = F.normalize(u.float().to(G.device), dim=-1) @ F.normalize(G, dim=-1).T
-        return self.config.global_routing_scale * cosine
+        u = u.float().to(G.device)
+        cosine = F.normalize(u, dim=-1) @ F.normalize(G, dim=-1).T
+        config = self.config
+        if config.global_routing_policy == "threshold":
+            matches_an_expert = cosine.max(dim=-1, keepdim=True).values >= config.global_routing_threshold
+            alpha = torch.where(
+                matches_an_expert, config.global_routing_scale, config.global_routing_scale_unmatched
+            ).float()
+        else:
+            alpha = torch.full((len(u), 1), float(config.global_routing_scale), device=G.device)
+        has_instruction = (u != 0).any(dim=-1, keepdim=True)
+        return torch.where(has_instruction, alpha * cosine, 0.0)

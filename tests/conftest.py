@@ -32,7 +32,7 @@ CORPUS = [
 
 
 def tiny_t5_config(vocab_size: int = 64, gated: bool = True, **overrides) -> T5Config:
-    return T5Config(
+    fields = dict(
         vocab_size=vocab_size,
         d_model=32,
         d_kv=8,
@@ -45,8 +45,8 @@ def tiny_t5_config(vocab_size: int = 64, gated: bool = True, **overrides) -> T5C
         decoder_start_token_id=0,
         pad_token_id=0,
         eos_token_id=1,
-        **overrides,
     )
+    return T5Config(**{**fields, **overrides})
 
 
 def make_base(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> T5ForConditionalGeneration:

@@ -217,3 +217,32 @@ def test_mixed_task_batch_rows_equal_single_rows(heterogeneous_library):
     # fp32 routing sums in a batch-shape dependent order (~1e-6); this random toy T5 amplifies that to ~1e-4
     torch.testing.assert_close(batched, torch.cat(rows), atol=1e-3, rtol=1e-3)
     assert (batched[1:] - same_task[1:]).abs().max() > 0.1  # the rows really were routed differently
+
+
+def test_gradient_checkpointing_keeps_per_query_routing(heterogeneous_library):
+    """The recomputed blocks must see the same routing inputs: gradients agree with and without checkpointing."""
+    base, dirs = heterogeneous_library
+    ids, dec = inputs(seed=4)
+    u = torch.randn(2, EMBED_DIM, dtype=torch.float64)
+    grads = []
+    for checkpointing in (False, True):
+        glider = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2, global_routing_scale=3.0).train()
+        if checkpointing:
+            glider.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = glider(input_ids=ids, labels=dec, instruction_embeddings=u).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in glider.named_parameters() if "lora_B" in n]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-10, rtol=1e-8)
+
+
+def test_routing_knobs_are_read_from_the_model_config(heterogeneous_library):
+    base, dirs = heterogeneous_library
+    model = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2, global_routing_scale=2.0)
+    fresh = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=1, global_routing_scale=7.0)
+    model.config.router_top_k, model.config.global_routing_scale = 1, 7.0
+    ids, dec = inputs(seed=8)
+    u = torch.randn(2, EMBED_DIM, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits,
+                           fresh(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits)  # fmt: skip

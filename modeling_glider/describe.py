@@ -1,0 +1,123 @@
+"""`glider describe-experts`: give each expert a task instruction and its embedding (GLIDER's G_e).
+
+An expert's instruction is human-written (given, or already in its `glider_expert.json`) or written by an
+instruction generator from k random samples of the expert's data. All instructions are embedded by one
+`InstructionEmbedder`, whose id goes into `glider_expert.json` (`embedding_model`) so that a GliderT5 built from
+the experts records it. Nothing is written unless every expert got its instruction and embedding.
+"""
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedder, load_embedder
+from .experts import EXPERT_CONFIG, EXPERT_WEIGHTS
+from .instructions import InstructionGenerator, QueryInstructions, load_instruction_generator
+
+
+def read_samples(path: str | os.PathLike) -> list[dict]:
+    """Task samples from a JSONL file: one object per line with an `input` string (and optionally `target`)."""
+    samples = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error}).") from None
+        if not isinstance(sample, dict) or not isinstance(sample.get("input"), str):
+            raise ValueError(f"{path}, line {number}: each line must be an object with an 'input' string.")
+        samples.append(sample)
+    if not samples:
+        raise ValueError(f"{path} holds no samples.")
+    return samples
+
+
+def _expert_name(directory: Path) -> tuple[str, dict]:
+    path = directory / EXPERT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"Expert at {directory}: missing {EXPERT_CONFIG}.")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"Expert at {directory}: {EXPERT_CONFIG} is not valid JSON ({error}).") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ValueError(f"Expert at {directory}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
+    return meta["name"], meta
+
+
+def describe_experts(
+    expert_dirs: Sequence[str | os.PathLike],
+    *,
+    instructions: dict[str, str] | None = None,
+    data: dict[str, Sequence[dict | str]] | None = None,
+    generator: InstructionGenerator | str | None = None,
+    embedder: InstructionEmbedder | str = DEFAULT_EMBEDDING_MODEL,
+    k: int = 3,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write each expert's instruction and instruction embedding into its directory; returns name -> instruction.
+
+    Per expert, by name: `instructions[name]` if given; else, with `data[name]` (samples) and a `generator`, an
+    instruction written from `k` random samples; else the instruction already in its `glider_expert.json`.
+    """
+    instructions, data = dict(instructions or {}), dict(data or {})
+    generator = load_instruction_generator(generator)
+    if isinstance(generator, QueryInstructions):
+        raise ValueError("'query' mode writes no expert instructions: give a generator (URL or model) or instructions.")
+    if data and generator is None:
+        raise ValueError(f"Samples were given for {sorted(data)}, but no instruction generator to read them.")
+    directories = [Path(d) for d in expert_dirs]
+    metas = {}
+    for directory in directories:
+        name, meta = _expert_name(directory)
+        if name in metas:
+            raise ValueError(f"Two experts are named {name!r} ({metas[name][0]} and {directory}).")
+        metas[name] = (directory, meta)
+    unknown = sorted((set(instructions) | set(data)) - set(metas))
+    if unknown:
+        raise ValueError(f"Instructions or data given for unknown experts {unknown}; the experts are {sorted(metas)}.")
+
+    chosen = {name: instructions.get(name) for name in metas}
+    to_write = [name for name in metas if chosen[name] is None and name in data and generator is not None]
+    if to_write:
+        rng = random.Random(seed)
+        sample_sets = [rng.sample(list(data[name]), min(k, len(data[name]))) for name in to_write]
+        for name, written in zip(to_write, generator.write(sample_sets)):
+            if written is None:
+                raise RuntimeError(f"Expert {name!r}: the instruction generator wrote no instruction; nothing written.")
+            chosen[name] = written
+    for name, (directory, meta) in metas.items():
+        chosen[name] = chosen[name] or meta.get("instruction") or None
+        if not isinstance(chosen[name], str) or not chosen[name].strip():
+            raise ValueError(
+                f"Expert {name!r} ({directory}) has no instruction: give one (instructions), or samples of its data "
+                "and an instruction generator."
+            )
+
+    embedder = embedder if isinstance(embedder, InstructionEmbedder) else load_embedder(str(embedder))
+    embeddings = embedder.embed([chosen[name] for name in metas])
+    for (name, (directory, meta)), embedding in zip(metas.items(), embeddings):
+        write_expert_description(directory, meta, chosen[name], embedding, embedder.model_id)
+    return chosen
+
+
+def write_expert_description(
+    directory: Path, meta: dict, instruction: str, embedding: torch.Tensor, embedding_model: str
+) -> None:
+    """Set the instruction (and its embedder) in `glider_expert.json` and the `instruction_embedding` in
+    `glider_expert.safetensors`, keeping everything else there (gates, other keys); each file replaced atomically."""
+    tensors = load_file(directory / EXPERT_WEIGHTS) if (directory / EXPERT_WEIGHTS).exists() else {}
+    tensors["instruction_embedding"] = embedding.detach().float().cpu().flatten().contiguous()
+    meta = {**meta, "instruction": instruction, "embedding_model": embedding_model}
+    with tempfile.TemporaryDirectory(dir=directory) as staging:
+        save_file(tensors, Path(staging) / EXPERT_WEIGHTS, metadata={"format": "pt"})
+        (Path(staging) / EXPERT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        for file in (EXPERT_WEIGHTS, EXPERT_CONFIG):
+            os.replace(Path(staging) / file, directory / file)

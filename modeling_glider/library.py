@@ -1,0 +1,82 @@
+"""`glider build`: LoRA adapters (expert directories or plain PEFT adapters; local folders or Hub repo ids) -> expert
+directories -> a saved GliderT5."""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+
+from .experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, resolve_expert_dir
+from .modeling_glider import GliderT5ForConditionalGeneration
+from .staging import publish, staging_dir
+
+
+def expert_specs(specs: Sequence[str | os.PathLike], staging: Path) -> list[str | os.PathLike]:
+    """What `from_experts` takes for each of `specs`: an expert (folder or Hub repo id) as it is; a plain PEFT LoRA
+    adapter (no `glider_expert.json`) as a staged expert directory.
+
+    A plain adapter becomes an expert named after its folder or repo, with no instruction and no gates (so it routes
+    with `local_router="arrow"`, or after `glider train-gates`): its files are copied into `staging` beside a
+    `glider_expert.json` that records where it came from.
+    """
+    resolved = []
+    for spec in specs:
+        directory = resolve_expert_dir(spec)
+        if not (directory / EXPERT_CONFIG).exists() and (directory / ADAPTER_CONFIG).exists():
+            name = Path(str(spec).partition("@")[0]).name
+            expert = staging / f"{len(resolved)}-{name}"
+            expert.mkdir(parents=True)
+            for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                if (directory / file).exists():
+                    shutil.copyfile(directory / file, expert / file)
+            (expert / EXPERT_CONFIG).write_text(json.dumps({"name": name, "instruction": "", "source": str(spec)}))
+            spec = expert
+        resolved.append(spec)
+    return resolved
+
+
+def build_library(
+    base: T5ForConditionalGeneration | str | os.PathLike,
+    experts: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+    top_k: int = 2,
+    **config_overrides,
+) -> GliderT5ForConditionalGeneration:
+    """Build a GliderT5 from `base` and `experts` (see `expert_specs`) and save it, with the base's tokenizer (or
+    `tokenizer`) when there is one, at `output_dir`, which must not exist or be empty: the folder appears complete,
+    or not at all. `config_overrides` are `GliderConfig` fields (`global_routing_scale`, `local_router`, ...)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"{output_dir} already exists and is not an empty folder.")
+    if isinstance(experts, (str, os.PathLike)) or not experts:
+        raise ValueError("experts must be a non-empty list of expert directories, PEFT adapters or Hub repo ids.")
+    if tokenizer is None and isinstance(base, (str, os.PathLike)):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError):
+            tokenizer = None  # a base without a tokenizer: the model is saved alone
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+    with tempfile.TemporaryDirectory(prefix="glider-adapters-") as staging:
+        specs = expert_specs(experts, Path(staging))
+        model = GliderT5ForConditionalGeneration.from_experts(base, specs, top_k=top_k, **config_overrides)
+
+    saving = staging_dir(output_dir)
+    try:
+        model.save_pretrained(saving)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(saving)
+        publish(saving, output_dir)
+    finally:
+        shutil.rmtree(saving, ignore_errors=True)
+    return model
+
+
+__all__ = ["build_library", "expert_specs"]
