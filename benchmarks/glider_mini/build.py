@@ -51,28 +51,38 @@ class Recipe:
     num_heads: int = 4
     # span-corruption pretraining
     pretraining_texts_per_world: int = 4000
-    pretraining_steps: int = 1500
+    pretraining_steps: int = 1000
     pretraining_batch_size: int = 64
     pretraining_learning_rate: float = 2e-3
     pretraining_warmup_steps: int = 100
     # experts: LoRA on every linear of every block, then Phatgoose gates on the same data
     expert_r: int = 8
     expert_lora_alpha: float = 8.0
-    expert_steps: int = 300
+    expert_steps: int = 400
     expert_batch_size: int = 32
     expert_learning_rate: float = 3e-3
     expert_warmup_ratio: float = 0.06
     gate_steps: int = 100
     gate_learning_rate: float = 5e-3
-    # global router and routing defaults
+    # global router
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # routing defaults saved in the model's config (only the last stage depends on them); the alpha policy is the one
+    # the benchmark chose on the validation split
     top_k: int = 2
+    global_routing_policy: str = "fixed"
     global_routing_scale: float = 100.0
+    global_routing_threshold: float = 0.3
+    global_routing_scale_unmatched: float = 3.0
     # data for measuring the pretraining (span corruption on validation inputs, never trained on)
     pretraining_eval_examples: int = 500
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def stages_dict(self) -> dict:
+        """The fields the work folder's stages depend on (all but the routing defaults)."""
+        routing = ("top_k", "global_routing_policy", "global_routing_scale", "global_routing_threshold")
+        return {k: v for k, v in self.as_dict().items() if k not in (*routing, "global_routing_scale_unmatched")}
 
 
 SMOKE = Recipe(
@@ -171,8 +181,9 @@ class Stages:
 
     # Stage 3
     def embeddings(self, staging: Path) -> None:
-        from modeling_glider.embedding import InstructionEmbedder
         from safetensors.torch import save_file
+
+        from modeling_glider.embedding import InstructionEmbedder
 
         embedder = InstructionEmbedder(self.recipe.embedding_model)
         instructions = [suite.TASKS[name].instruction for name in self.recipe.tasks]
@@ -184,15 +195,18 @@ class Stages:
 
     # Stage 4
     def experts(self, staging: Path) -> None:
-        from modeling_glider.training import train_expert
         from safetensors.torch import load_file
+
+        from modeling_glider.training import train_expert
 
         r = self.recipe
         embeddings = load_file(self.work / "embeddings" / "embeddings.safetensors")
         model_id = json.loads((self.work / "embeddings" / "embedding_model.json").read_text())["model_id"]
         base = T5ForConditionalGeneration.from_pretrained(self.work / "base")
         tokenizer = T5Tokenizer.from_pretrained(self.work / "base")
+        seconds = {}
         for index, name in enumerate(r.tasks):
+            start = time.perf_counter()
             data = [
                 {"input": e.input, "target": e.target}
                 for e in suite.examples(name, "train", r.expert_steps * r.expert_batch_size, r.seed)
@@ -205,6 +219,8 @@ class Stages:
                 gate_steps=r.gate_steps, gate_learning_rate=r.gate_learning_rate,
                 instruction_embedding=embeddings[name], embedding_model=model_id,
             )  # fmt: skip
+            seconds[name] = round(time.perf_counter() - start, 1)
+        (staging / "seconds_per_expert.json").write_text(json.dumps(seconds, indent=2) + "\n")
 
     # Stage 5
     def assemble(self, out: Path, command: list[str]) -> None:
@@ -214,7 +230,9 @@ class Stages:
         base = T5ForConditionalGeneration.from_pretrained(self.work / "base")
         model = GliderT5ForConditionalGeneration.from_experts(
             base, [self.work / "experts" / name for name in r.tasks], top_k=r.top_k,
-            global_routing_scale=r.global_routing_scale, base_model_name_or_path="glider-mini-base",
+            global_routing_scale=r.global_routing_scale, global_routing_policy=r.global_routing_policy,
+            global_routing_threshold=r.global_routing_threshold,
+            global_routing_scale_unmatched=r.global_routing_scale_unmatched, base_model_name_or_path="glider-mini-base",
         )  # fmt: skip
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -223,7 +241,17 @@ class Stages:
             pretraining = json.loads((self.work / "base" / "pretraining_metrics.json").read_text())
             recipe = {"command": command, "recipe": r.as_dict(), "versions": package_versions()}
             (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-            report = {**self.report, "pretraining": pretraining, "machine": platform.platform()}
+            per_expert = self.work / "experts" / "seconds_per_expert.json"
+            report = {
+                **self.report,
+                "seconds_per_expert": json.loads(per_expert.read_text()) if per_expert.exists() else None,
+                "pretraining": pretraining,
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "threads": torch.get_num_threads(),
+                },
+            }
             (staging / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
             write_sha256sums(staging)
             if out.exists():
@@ -252,11 +280,16 @@ def build(
         raise ValueError(f"Recipe tasks {unknown} are not held-in tasks of the suite ({suite.HELD_IN}).")
     work.mkdir(parents=True, exist_ok=True)
     recorded = work / "recipe.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(recipe.as_dict())):
-        raise ValueError(
-            f"The work folder {work} holds stages built with another recipe ({recorded}); remove it or pick another."
-        )
-    recorded.write_text(json.dumps(recipe.as_dict(), indent=2) + "\n")
+    expected = json.loads(json.dumps(recipe.stages_dict()))
+    if recorded.exists():
+        found = json.loads(recorded.read_text())
+        differ = sorted(k for k in expected if found.get(k) != expected[k])
+        if differ:
+            raise ValueError(
+                f"The work folder {work} holds stages built with another recipe (differing in {differ}); remove it or "
+                "pick another work folder."
+            )
+    recorded.write_text(json.dumps(expected, indent=2) + "\n")
     torch.manual_seed(recipe.seed)
     stages = Stages(recipe, work)
     stages.run("tokenizer", stages.tokenizer)

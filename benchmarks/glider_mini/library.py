@@ -7,25 +7,12 @@ from pathlib import Path
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+from configuration_glider import GliderConfig
 from modeling_glider import GliderLinear, GliderT5ForConditionalGeneration, save_expert_files
 from modeling_glider.experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-GLIDER_CONFIG_KEYS = (
-    "experts",
-    "router_top_k",
-    "router_top_p",
-    "global_routing_scale",
-    "local_router",
-    "arrow_temperature",
-    "instruction_embedding_dim",
-    "instruction_embedding_model",
-    "base_model_name_or_path",
-    "custom_pipelines",
-    "auto_map",
-    "model_type",
-    "architectures",
-    "transformers_version",
-)
+# config entries a plain T5 must not receive: the routing fields GliderConfig adds, and what saving adds
+NOT_T5_KEYS = (*GliderConfig.__annotations__, "custom_pipelines", "auto_map", "model_type", "architectures")
 
 
 def glider_linears(model: GliderT5ForConditionalGeneration) -> dict[str, GliderLinear]:
@@ -34,7 +21,7 @@ def glider_linears(model: GliderT5ForConditionalGeneration) -> dict[str, GliderL
 
 def base_model(model: GliderT5ForConditionalGeneration) -> T5ForConditionalGeneration:
     """The plain T5 inside a GliderT5: its own weights, no expert."""
-    fields = {k: v for k, v in model.config.to_dict().items() if k not in GLIDER_CONFIG_KEYS}
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in NOT_T5_KEYS}
     base = T5ForConditionalGeneration(T5Config(**fields))
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B", "router_gate"))}
     state = {k: v for k, v in state.items() if not k.startswith("global_router.")}
