@@ -120,6 +120,66 @@ def test_span_corruption_inverts_to_the_original():
         assert 1 <= noise < length and labels[0] == sentinels[0]
 
 
+def test_metrics_load_offline_from_local_folders_and_score_by_hand():
+    import evaluate
+
+    metrics = ROOT / "benchmarks" / "metrics"
+    exact = evaluate.load(str(metrics / "exact_match"))
+    assert exact.compute(predictions=[" tiger", "Omar", "4"], references=["tiger", "omar", "4"]) == {
+        "exact_match": 2 / 3
+    }
+    rank = evaluate.load(str(metrics / "rank_classification"))
+    # lowest length-normalised cross-entropy wins; ties go to the first choice
+    scores = [[2.0, 0.5, 1.0], [0.3, 0.3], [1.0, 4.0, 0.9, 2.0]]
+    assert rank.compute(predictions=scores, references=[1, 1, 2]) == {"accuracy": 2 / 3}
+
+
+def test_baselines_recovered_from_a_glider_model_match_peft(tmp_path):
+    """Base, exported experts and the uniform merge, taken from a GliderT5's weights, against the original PEFT
+    adapters (PEFT's own model, and a merge computed here from the adapter files)."""
+    import copy
+
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from benchmarks.glider_mini import library
+    from modeling_glider import GliderT5ForConditionalGeneration
+    from tests.conftest import EMBED_DIM, make_base, make_expert
+
+    base = make_base(seed=1)
+    dirs = [
+        make_expert(tmp_path / "in", base, "a", r=2, lora_alpha=4, seed=1, embedding=torch.ones(EMBED_DIM)),
+        make_expert(
+            tmp_path / "in", base, "b", r=4, targets=("q", "v", "wo"), seed=2, embedding=-torch.ones(EMBED_DIM)
+        ),
+    ]
+    model = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2).eval()
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    decoder_ids = torch.randint(2, 64, (2, 3), generator=torch.Generator().manual_seed(1))
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=ids, decoder_input_ids=decoder_ids).logits
+
+    recovered = library.base_model(model)
+    torch.testing.assert_close(logits(recovered), logits(base), rtol=0, atol=0)
+    exported = library.export_experts(model, tmp_path / "out")
+    for original, copy_ in zip(dirs, exported):
+        expected = PeftModel.from_pretrained(copy.deepcopy(base), original).eval()
+        got = PeftModel.from_pretrained(copy.deepcopy(recovered), copy_).eval()
+        torch.testing.assert_close(logits(got), logits(expected))
+    # uniform merge: W + 1/2 (s_a B_a A_a + s_b B_b A_b), read from the adapter files here
+    merged = copy.deepcopy(base)
+    for directory, scaling in zip(dirs, (4 / 2, 8 / 4)):
+        for key, A in load_file(directory / "adapter_model.safetensors").items():
+            if key.endswith("lora_A.weight"):
+                B = load_file(directory / "adapter_model.safetensors")[key.replace("lora_A", "lora_B")]
+                path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                merged.get_submodule(path).weight.data += 0.5 * scaling * (B @ A)
+    torch.testing.assert_close(logits(library.merged_model(model)), logits(merged))
+
+
 def test_build_runs_end_to_end_in_the_smoke_configuration(tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
@@ -150,3 +210,40 @@ def test_build_runs_end_to_end_in_the_smoke_configuration(tmp_path):
     before = (out / "SHA256SUMS").read_text()
     build.build(tmp_path / "mini", build.SMOKE, command=["smoke"])
     assert (out / "SHA256SUMS").read_text() == before
+
+
+COMMITTED = ROOT / "glider-mini"
+
+
+def test_committed_glider_mini_is_intact():
+    assert COMMITTED.is_dir(), "glider-mini/ is committed with the repository"
+    listed = dict(reversed(line.split("  ", 1)) for line in (COMMITTED / "SHA256SUMS").read_text().splitlines())
+    files = sorted(p.relative_to(COMMITTED).as_posix() for p in COMMITTED.rglob("*") if p.is_file())
+    assert sorted([*listed, "SHA256SUMS"]) == files
+    for name, digest in listed.items():
+        assert hashlib.sha256((COMMITTED / name).read_bytes()).hexdigest() == digest, name
+    recipe = json.loads((COMMITTED / "recipe.json").read_text())
+    config = json.loads((COMMITTED / "config.json").read_text())
+    assert [e["name"] for e in config["experts"]] == recipe["recipe"]["tasks"] == suite.HELD_IN
+    assert config["global_routing_policy"] == recipe["recipe"]["global_routing_policy"]
+
+
+def test_committed_glider_mini_demo_runs(tmp_path, capsys):
+    from modeling_glider.demo import QUERIES, run_demo
+
+    records = run_demo(out_dir=tmp_path, model_dir=COMMITTED)
+    printed = capsys.readouterr().out
+    assert len(records) == len(QUERIES)
+    for record in records:
+        assert record["query"] in printed and repr(record["answer"]) in printed
+        assert abs(sum(e["weight"] for e in record["experts"]) - 1) < 1e-4
+    # the global router sends each held-in query to its task's expert, and the experts answer most of them
+    own_expert = {"animal": "pick_animal", "color": "pick_color", "Where": "story_where", "object": "story_what",
+                  "platform": "schedule_platform"}  # fmt: skip
+    held_in = [r for r in records if r["kind"] == "held-in"]
+    for record in held_in:
+        task = next(task for word, task in own_expert.items() if word in record["query"])
+        assert record["experts"][0]["name"] == task, record
+    assert sum(r["answer"] == r["expected"] for r in held_in) >= len(held_in) - 1
+    png = (tmp_path / "routing_heatmap.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000

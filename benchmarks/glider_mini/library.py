@@ -26,6 +26,7 @@ def base_model(model: GliderT5ForConditionalGeneration) -> T5ForConditionalGener
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B", "router_gate"))}
     state = {k: v for k, v in state.items() if not k.startswith("global_router.")}
     base.load_state_dict(state, strict=True)
+    base.config.name_or_path = model.config.base_model_name_or_path or ""  # the experts' base, as they record it
     return base.eval()
 
 

@@ -1,0 +1,208 @@
+"""GliderT5 configuration: a T5 config plus every routing knob and the description of the expert library."""
+
+import copy
+import math
+import re
+import sys
+
+from huggingface_hub.dataclasses import strict
+from transformers import T5Config
+
+# Written into every saved config.json so that a folder or Hub repo loads without this package
+# (`trust_remote_code=True`): the code files are saved flat beside the weights.
+AUTO_MAP = {
+    "AutoConfig": "configuration_glider.GliderConfig",
+    "AutoModel": "modeling_glider.GliderT5ForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_glider.GliderT5ForConditionalGeneration",
+}
+CUSTOM_PIPELINES = {
+    "text2text-generation": {
+        "impl": "pipeline_glider.Text2TextGenerationPipeline",
+        "pt": ["AutoModelForSeq2SeqLM"],
+    }
+}
+LOCAL_ROUTERS = ("phatgoose", "arrow")
+GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
+EXPERT_KEYS = (
+    "name",
+    "instruction",
+    "source",
+    "target_modules",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+)
+
+
+def matches_pattern(pattern: str, module_path: str) -> bool:
+    """PEFT's rule for `target_modules` names and `rank_pattern`/`alpha_pattern` keys: the pattern matches the
+    whole path or a dotted suffix of it."""
+    return module_path == pattern or re.match(rf"(.*\.)?({pattern})$", module_path) is not None
+
+
+@strict
+class GliderConfig(T5Config):
+    r"""
+    Configuration of a [`GliderT5ForConditionalGeneration`]: the base T5's fields plus the expert library and the
+    routing knobs of GLIDER (local Phatgoose/Arrow routers biased by a global instruction router).
+
+    experts (`list[dict]`):
+        One entry per expert, in routing order: `name`, `instruction`, `source`, `target_modules` (PEFT semantics:
+        module names or dotted suffixes of `T5ForConditionalGeneration` module paths), `r`, `lora_alpha`,
+        `use_rslora`, `rank_pattern`, `alpha_pattern` (PEFT semantics). These fix every LoRA shape and scaling.
+    router_top_k (`int`, defaults to 2):
+        Experts kept per token and per routed linear after the softmax; their weights are renormalised.
+    router_top_p (`float`, *optional*):
+        If set, also drop the kept experts outside the smallest set whose probability reaches `router_top_p`
+        (the best expert is always kept). With `router_top_k` = number of experts this is pure top-p routing.
+    global_routing_scale (`float`, defaults to 100.0):
+        alpha in `logits_e = local_e + alpha * cos(u, G_e)`; with the threshold policy, the alpha of a query that
+        matches a known expert.
+    global_routing_policy (`str`, defaults to `"fixed"`):
+        How alpha is chosen per query. `"fixed"`: always `global_routing_scale`. `"threshold"`:
+        `global_routing_scale` when the query's best cosine similarity to an expert instruction reaches
+        `global_routing_threshold` (it matches a known task), `global_routing_scale_unmatched` otherwise (an unseen
+        task, where the local routers should lead).
+    global_routing_threshold (`float`, defaults to 0.3):
+        Best cosine similarity from which a query counts as matching a known expert (threshold policy only).
+    global_routing_scale_unmatched (`float`, defaults to 3.0):
+        alpha for a query that matches no known expert (threshold policy only).
+    local_router (`str`, defaults to `"phatgoose"`):
+        `"phatgoose"`: `LN(x) . LN(v_e) / sqrt(d_in)`; `"arrow"`: `|x . v_e| / arrow_temperature`.
+    arrow_temperature (`float`, defaults to 10.0):
+        Temperature T of Arrow's local logits.
+    instruction_embedding_dim (`int`, *optional*):
+        Width D of the instruction embeddings; `None` means the library has no global router.
+    instruction_embedding_model (`str`, *optional*):
+        Name of the sentence-embedding model the expert instructions were embedded with.
+    base_model_name_or_path (`str`, *optional*):
+        The T5 the experts were fine-tuned from.
+    """
+
+    model_type = "glider_t5"
+
+    experts: list | None = None
+    router_top_k: int = 2
+    router_top_p: float | int | None = None
+    global_routing_scale: float | int = 100.0
+    global_routing_policy: str = "fixed"
+    global_routing_threshold: float | int = 0.3
+    global_routing_scale_unmatched: float | int = 3.0
+    local_router: str = "phatgoose"
+    arrow_temperature: float | int = 10.0
+    instruction_embedding_dim: int | None = None
+    instruction_embedding_model: str | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("custom_pipelines", None)  # a constant of this class, see `custom_pipelines`
+        kwargs.pop("auto_map", None)
+        self.experts = [self._normalise_expert(i, e) for i, e in enumerate(self.experts or [])]
+        names = [e["name"] for e in self.experts]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"Duplicate expert names: {duplicates}. Every expert needs its own name.")
+        if not isinstance(self.router_top_k, int) or self.router_top_k < 1:
+            raise ValueError(f"router_top_k (top_k) must be an integer >= 1, got {self.router_top_k!r}.")
+        if self.experts and self.router_top_k > len(self.experts):
+            raise ValueError(
+                f"router_top_k (top_k) = {self.router_top_k} exceeds the number of experts ({len(self.experts)})."
+            )
+        if self.router_top_p is not None and not 0.0 < self.router_top_p <= 1.0:
+            raise ValueError(f"router_top_p (top_p) must be in (0, 1], got {self.router_top_p!r}.")
+        for name in ("global_routing_scale", "global_routing_scale_unmatched", "global_routing_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}.")
+        if self.global_routing_policy not in GLOBAL_ROUTING_POLICIES:
+            raise ValueError(
+                f"global_routing_policy must be one of {GLOBAL_ROUTING_POLICIES}, got {self.global_routing_policy!r}."
+            )
+        if not -1.0 <= self.global_routing_threshold <= 1.0:
+            raise ValueError(
+                f"global_routing_threshold is a cosine similarity in [-1, 1], got {self.global_routing_threshold!r}."
+            )
+        if self.local_router not in LOCAL_ROUTERS:
+            raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
+        if not self.arrow_temperature > 0:
+            raise ValueError(f"arrow_temperature must be > 0, got {self.arrow_temperature!r}.")
+        if self.instruction_embedding_dim is not None and self.instruction_embedding_dim < 1:
+            raise ValueError(f"instruction_embedding_dim must be >= 1, got {self.instruction_embedding_dim!r}.")
+        super().__post_init__(**kwargs)
+        self.auto_map = AUTO_MAP
+
+    @staticmethod
+    def _normalise_expert(index: int, expert: dict) -> dict:
+        if not isinstance(expert, dict) or not isinstance(expert.get("name"), str) or not expert["name"]:
+            raise ValueError(f"Expert #{index} needs a non-empty string 'name', got {expert!r}.")
+        name = expert["name"]
+        unknown = set(expert) - set(EXPERT_KEYS)
+        if unknown:
+            raise ValueError(f"Expert {name!r}: unknown keys {sorted(unknown)}; allowed: {list(EXPERT_KEYS)}.")
+        targets = expert.get("target_modules")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"Expert {name!r}: 'target_modules' must be a non-empty list of module names.")
+        r = expert.get("r")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"Expert {name!r}: 'r' must be a positive integer, got {r!r}.")
+        normalised = {
+            "name": name,
+            "instruction": expert.get("instruction") or "",
+            "source": expert.get("source") or "",
+            "target_modules": sorted(targets),
+            "r": r,
+            "lora_alpha": expert.get("lora_alpha", r),
+            "use_rslora": bool(expert.get("use_rslora", False)),
+            "rank_pattern": dict(expert.get("rank_pattern") or {}),
+            "alpha_pattern": dict(expert.get("alpha_pattern") or {}),
+        }
+        for key, value in {**normalised["rank_pattern"], **normalised["alpha_pattern"]}.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"Expert {name!r}: rank/alpha pattern {key!r} has an invalid value {value!r}.")
+        return normalised
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e["name"] for e in self.experts]
+
+    @property
+    def custom_pipelines(self) -> dict:
+        # Without this package, `pipeline(..., trust_remote_code=True)` finds the saved pipeline through this
+        # entry. Once the package (or the saved modeling code) has registered the task in this process, the
+        # entry must vanish: transformers would otherwise demand `trust_remote_code` for a registered pipeline.
+        pipelines = sys.modules.get("transformers.pipelines")
+        if pipelines is not None and "text2text-generation" in pipelines.PIPELINE_REGISTRY.supported_tasks:
+            return {}
+        return copy.deepcopy(CUSTOM_PIPELINES)  # `pipeline()` rewrites the entry it is given in place
+
+    @custom_pipelines.setter
+    def custom_pipelines(self, value):
+        pass  # loaded configs carry the constant entry; nothing to keep
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
+        return output
+
+    def expert_adapts(self, expert: dict, module_path: str) -> bool:
+        return any(matches_pattern(t, module_path) for t in expert["target_modules"])
+
+    def expert_rank_and_scaling(self, expert: dict, module_path: str) -> tuple[int, float]:
+        """The LoRA rank and scaling (alpha/r, or alpha/sqrt(r) with rslora) of `expert` at `module_path`."""
+        r = next((v for k, v in expert["rank_pattern"].items() if matches_pattern(k, module_path)), expert["r"])
+        alpha = next(
+            (v for k, v in expert["alpha_pattern"].items() if matches_pattern(k, module_path)), expert["lora_alpha"]
+        )
+        return int(r), float(alpha) / (math.sqrt(r) if expert["use_rslora"] else r)
+
+    def module_experts(self, module_path: str) -> list[tuple[int, int, float]]:
+        """(expert index, rank, scaling) of every expert that adapts the linear at `module_path`."""
+        return [
+            (i, *self.expert_rank_and_scaling(e, module_path))
+            for i, e in enumerate(self.experts)
+            if self.expert_adapts(e, module_path)
+        ]
+
+
+__all__ = ["GliderConfig"]

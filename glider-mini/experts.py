@@ -1,0 +1,503 @@
+"""Expert directories, the interchange unit of a GLIDER library, and building a GliderT5 from them.
+
+An expert directory holds:
+- `adapter_config.json` and `adapter_model.safetensors`: a plain PEFT LoRA adapter as `PeftModel.save_pretrained`
+  writes it, so every expert stays usable by PEFT alone;
+- `glider_expert.json`: `{"name": ..., "instruction": ...}` (optionally `"embedding_model"`: the sentence
+  embedder of `instruction_embedding`);
+- `glider_expert.safetensors`: `gate.<module path>` -> `[d_in]` for every adapted linear (Phatgoose gates), and
+  optionally `instruction_embedding` -> `[D]`.
+
+Module paths are those of `T5ForConditionalGeneration`, e.g. `encoder.block.0.layer.0.SelfAttention.q`. Every
+check runs before anything is built, and errors name the expert, file and module at fault.
+"""
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import T5ForConditionalGeneration
+from transformers.initialization import no_init_weights
+
+from .routing import GliderLinear
+
+try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
+    from .configuration_glider import GliderConfig
+except ImportError:  # the installed packages
+    from configuration_glider import GliderConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPERT_CONFIG = "glider_expert.json"
+EXPERT_WEIGHTS = "glider_expert.safetensors"
+EXPERT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, EXPERT_WEIGHTS]
+HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight$")
+# adapter_config.json entries that make an adapter something other than plain LoRA, with their plain values
+PLAIN_LORA = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "fan_in_fan_out": (False, None),
+    "modules_to_save": (None, []),
+    "target_parameters": (None, []),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "alora_invocation_tokens": (None, []),
+}
+
+
+@dataclass
+class Expert:
+    """One expert directory, read and checked for self-consistency (not yet against a base model)."""
+
+    name: str
+    instruction: str
+    source: str
+    adapter_config: dict
+    lora_A: dict[str, torch.Tensor]  # module path -> [r, d_in]
+    lora_B: dict[str, torch.Tensor]  # module path -> [d_out, r]
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> [d_in]
+    instruction_embedding: torch.Tensor | None = None
+    embedding_model: str | None = None
+
+    @property
+    def module_paths(self) -> list[str]:
+        return sorted(self.lora_A)
+
+
+def _read_json(path: Path, who: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{who}: missing {path.name} (looked for {path}).")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{who}: {path} is not valid JSON ({error}).") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{who}: {path} must hold a JSON object.")
+    return content
+
+
+def _read_safetensors(path: Path, who: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{who}: missing {path.name} (looked for {path}).")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{who}: {path} is not a readable safetensors file (corrupt or truncated?): {error}") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{who}: tensor {key!r} in {path.name} holds NaN or inf values.")
+    return tensors
+
+
+def resolve_expert_dir(spec: str | os.PathLike) -> Path:
+    """The local directory of an expert: `spec` itself when it exists (or is a path), otherwise a Hub repo id,
+    `org/name` or `org/name@revision`, whose expert files are downloaded into the Hugging Face cache."""
+    if isinstance(spec, os.PathLike) or Path(spec).exists() or not HUB_REPO_ID.match(spec):
+        return Path(spec)
+    repo_id, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=EXPERT_FILES))
+    except (OSError, ValueError) as error:  # every Hub, network and offline error of huggingface_hub
+        raise FileNotFoundError(
+            f"Expert {spec!r}: no such local directory, and fetching it from the Hub failed: {error}"
+        ) from error
+    missing = [name for name in EXPERT_FILES[:2] if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Expert {spec!r}: the Hub repo has no {missing}; an expert repo is a PEFT LoRA adapter plus "
+            f"{EXPERT_CONFIG} (and {EXPERT_WEIGHTS} for Phatgoose gates)."
+        )
+    return directory
+
+
+def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
+    """Read and check one expert: a directory, or the id of a Hub repo holding one (see `resolve_expert_dir`). With
+    `name`, a plain PEFT adapter (no `glider_expert.json`) is read as an expert of that name with no instruction."""
+    directory = resolve_expert_dir(spec)
+    who = f"Expert at {spec}"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{who}: no such directory.")
+    if name is not None and not (directory / EXPERT_CONFIG).exists():
+        meta = {"name": name}
+    else:
+        meta = _read_json(directory / EXPERT_CONFIG, who)
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{who}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
+    who = f"Expert {name!r} ({spec})"
+
+    adapter_config = _read_json(directory / ADAPTER_CONFIG, who)
+    if adapter_config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{who}: adapter is {adapter_config.get('peft_type')!r}, but only plain LoRA experts can be routed."
+        )
+    for key, plain_values in PLAIN_LORA.items():
+        if adapter_config.get(key) not in plain_values:
+            raise ValueError(
+                f"{who}: adapter_config.json sets {key}={adapter_config[key]!r}; only plain LoRA experts can be routed."
+            )
+
+    lora_A, lora_B = {}, {}
+    for key, tensor in _read_safetensors(directory / ADAPTER_WEIGHTS, who).items():
+        match = LORA_KEY.match(key)
+        if match is None:
+            raise ValueError(
+                f"{who}: unexpected tensor {key!r} in {ADAPTER_WEIGHTS}; only plain LoRA A/B weights can be routed."
+            )
+        (lora_A if match["matrix"] == "A" else lora_B)[match["path"]] = tensor
+    if not lora_A:
+        raise ValueError(f"{who}: {ADAPTER_WEIGHTS} holds no LoRA weights.")
+    for path in sorted(set(lora_A) ^ set(lora_B)):
+        raise ValueError(f"{who}: module {path!r} has only one of lora_A / lora_B.")
+    for path in lora_A:
+        if lora_A[path].dim() != 2 or lora_B[path].dim() != 2 or lora_A[path].shape[0] != lora_B[path].shape[1]:
+            raise ValueError(
+                f"{who}: module {path!r} has inconsistent LoRA shapes A {tuple(lora_A[path].shape)}, B {tuple(lora_B[path].shape)}."
+            )
+
+    gates, instruction_embedding = {}, None
+    if (directory / EXPERT_WEIGHTS).exists():
+        for key, tensor in _read_safetensors(directory / EXPERT_WEIGHTS, who).items():
+            if key == "instruction_embedding":
+                instruction_embedding = tensor.float().flatten()
+            elif key.startswith("gate.") and key[5:] in lora_A:
+                gates[key[5:]] = tensor.flatten()
+            else:
+                raise ValueError(
+                    f"{who}: unexpected tensor {key!r} in {EXPERT_WEIGHTS} (gates are 'gate.<adapted module path>')."
+                )
+    return Expert(
+        name=name,
+        instruction=str(meta.get("instruction") or ""),
+        source=str(meta.get("source") or spec),
+        adapter_config=adapter_config,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        gates=gates,
+        instruction_embedding=instruction_embedding,
+        embedding_model=meta.get("embedding_model"),
+    )
+
+
+def save_expert_files(
+    directory: str | os.PathLike,
+    name: str,
+    instruction: str = "",
+    gates: dict[str, torch.Tensor] | None = None,
+    instruction_embedding: torch.Tensor | None = None,
+    embedding_model: str | None = None,
+) -> None:
+    """Write `glider_expert.json` and `glider_expert.safetensors` next to a PEFT adapter, each atomically."""
+    directory = Path(directory)
+    tensors = {f"gate.{path}": gate.detach().float().cpu().contiguous() for path, gate in (gates or {}).items()}
+    if instruction_embedding is not None:
+        tensors["instruction_embedding"] = instruction_embedding.detach().float().cpu().flatten().contiguous()
+    meta = {"name": name, "instruction": instruction}
+    if embedding_model is not None:
+        meta["embedding_model"] = embedding_model
+    with tempfile.TemporaryDirectory(dir=directory) as staging:
+        save_file(tensors, Path(staging) / EXPERT_WEIGHTS, metadata={"format": "pt"})
+        (Path(staging) / EXPERT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        for file in (EXPERT_WEIGHTS, EXPERT_CONFIG):
+            os.replace(Path(staging) / file, directory / file)
+
+
+def routable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linears of a T5's encoder and decoder blocks: the modules experts may adapt."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(("encoder.block.", "decoder.block."))
+    }
+
+
+def compact_target_modules(adapted: set[str], linears: list[str]) -> list[str]:
+    """PEFT-style `target_modules` naming exactly `adapted`: a leaf name ("q", "wo") where every linear of that name
+    is adapted, full paths otherwise."""
+    entries = []
+    for leaf in sorted({path.rsplit(".", 1)[-1] for path in adapted}):
+        with_leaf = {path for path in linears if path.rsplit(".", 1)[-1] == leaf}
+        entries += [leaf] if with_leaf <= adapted else sorted(with_leaf & adapted)
+    return entries
+
+
+def _check_against_base(expert: Expert, linears: dict[str, nn.Linear], base_name: str) -> None:
+    who = f"Expert {expert.name!r} ({expert.source})"
+    for path in expert.module_paths:
+        if path not in linears:
+            raise ValueError(
+                f"{who}: adapts {path!r}, which is not a linear of the base model's encoder/decoder blocks "
+                "(was it made for another base model?)."
+            )
+        linear, A, B = linears[path], expert.lora_A[path], expert.lora_B[path]
+        if A.shape[1] != linear.in_features or B.shape[0] != linear.out_features:
+            raise ValueError(
+                f"{who}: {path} has LoRA A {tuple(A.shape)} and B {tuple(B.shape)}, but the base linear maps "
+                f"{linear.in_features} -> {linear.out_features} (was it made for another base model?)."
+            )
+    expected = expert.adapter_config.get("base_model_name_or_path")
+    if expected and base_name and Path(expected).name != Path(base_name).name:
+        warnings.warn(
+            f"{who} was trained on base {expected!r}, but the base model is {base_name!r}; the shapes match, so it is used.",
+            stacklevel=3,
+        )
+
+
+def _config_entry(expert: Expert, linears: dict[str, nn.Linear]) -> dict:
+    adapter = expert.adapter_config
+    return {
+        "name": expert.name,
+        "instruction": expert.instruction,
+        "source": expert.source,
+        "target_modules": compact_target_modules(set(expert.module_paths), list(linears)),
+        "r": adapter.get("r", 8),
+        "lora_alpha": adapter.get("lora_alpha", 8),
+        "use_rslora": adapter.get("use_rslora", False),
+        "rank_pattern": adapter.get("rank_pattern") or {},
+        "alpha_pattern": adapter.get("alpha_pattern") or {},
+    }
+
+
+def _lora_scalings(expert: Expert, entry: dict, config: GliderConfig) -> dict[str, float]:
+    """Module path -> the expert's LoRA scaling there; checks each rank against what adapter_config.json implies."""
+    scalings = {}
+    for path in expert.module_paths:
+        rank, scalings[path] = config.expert_rank_and_scaling(entry, path)
+        if rank != expert.lora_A[path].shape[0]:
+            raise ValueError(
+                f"Expert {expert.name!r} ({expert.source}): {path} has rank {expert.lora_A[path].shape[0]} but "
+                f"adapter_config.json implies {rank}."
+            )
+    return scalings
+
+
+def expert_lora_scalings(expert: Expert, linears: dict[str, nn.Linear]) -> dict[str, float]:
+    """Module path -> the LoRA scaling of `expert` there, as PEFT computes it (alpha/r, or alpha/sqrt(r) with rslora;
+    rank and alpha patterns honoured)."""
+    config = GliderConfig(experts=[_config_entry(expert, linears)], router_top_k=1)
+    return _lora_scalings(expert, config.experts[0], config)
+
+
+def _router_gates(expert: Expert, entry: dict, config: GliderConfig, linears: dict[str, nn.Linear]) -> dict:
+    """Module path -> what the local router scores this expert by there: its Phatgoose gate, or its Arrow prototype."""
+    who = f"Expert {expert.name!r} ({expert.source})"
+    _lora_scalings(expert, entry, config)  # checks every rank against adapter_config.json
+    gates = {}
+    for path in expert.module_paths:
+        if config.local_router == "arrow":
+            gates[path] = arrow_prototype(expert.lora_A[path], expert.lora_B[path])
+        elif path in expert.gates:
+            if expert.gates[path].numel() != linears[path].in_features:
+                raise ValueError(
+                    f"{who}: gate for {path} has {expert.gates[path].numel()} values, expected {linears[path].in_features}."
+                )
+            gates[path] = expert.gates[path]
+        else:
+            raise ValueError(
+                f"{who}: no Phatgoose gate for {path} in {EXPERT_WEIGHTS}. Train the gates (`glider train-gates`) "
+                "or build with local_router='arrow', which needs none."
+            )
+    return gates
+
+
+def arrow_prototype(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """Arrow's prototype: the top right singular vector of B A (`[d_in]`), computed in the rank-r subspace without
+    forming the d_out x d_in product.
+
+    A singular vector is defined up to sign. Arrow scores `|v . x|`, so the sign cannot change routing; it is still
+    fixed (largest-magnitude entry positive) so that prototypes do not depend on the LAPACK build.
+    """
+    Q, R = torch.linalg.qr(lora_A.double().T)  # A = R^T Q^T, Q [d_in, r] orthonormal
+    _, _, Vh = torch.linalg.svd(lora_B.double() @ R.T, full_matrices=False)
+    prototype = Q @ Vh[0]
+    return (prototype * prototype[prototype.abs().argmax()].sign()).float()
+
+
+def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None]:
+    """The width and embedding model of the experts' instruction embeddings: all experts have one, or none has."""
+    with_embedding = [e.name for e in experts if e.instruction_embedding is not None]
+    if not with_embedding:
+        return None, None
+    if len(with_embedding) != len(experts):
+        missing = [e.name for e in experts if e.instruction_embedding is None]
+        raise ValueError(
+            f"Experts {missing} have no instruction_embedding while {with_embedding} do: give all or none."
+        )
+    widths = {e.name: e.instruction_embedding.numel() for e in experts}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"Experts' instruction embeddings differ in width: {widths}.")
+    models = {e.embedding_model for e in experts}
+    if len(models) > 1:
+        raise ValueError(f"Experts' instructions were embedded with different models: {sorted(map(str, models))}.")
+    return widths[experts[0].name], models.pop()
+
+
+def _check_base_names(experts: list[Expert]) -> None:
+    """Warn when the experts' adapters name different base models (shapes are checked against the base itself)."""
+    claimed = {e.name: e.adapter_config.get("base_model_name_or_path") for e in experts}
+    claimed = {name: base for name, base in claimed.items() if base}
+    if len({Path(base).name for base in claimed.values()}) > 1:
+        warnings.warn(f"The experts' adapters name different base models: {claimed}.", stacklevel=3)
+
+
+def build_glider_model(cls, base, expert_dirs: list, **config_fields):
+    """See `GliderT5ForConditionalGeneration.from_experts`."""
+    if isinstance(expert_dirs, (str, os.PathLike)) or not expert_dirs:
+        raise ValueError("experts must be a non-empty list of expert directories.")
+    experts = [load_expert(d) for d in tqdm(expert_dirs, desc="Reading experts", disable=len(expert_dirs) < 8)]
+    names = [e.name for e in experts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        sources = {n: [str(e.source) for e in experts if e.name == n] for n in duplicates}
+        raise ValueError(f"Duplicate expert names {duplicates}: {sources}. Every expert needs its own name.")
+
+    if isinstance(base, (str, os.PathLike)):
+        base = T5ForConditionalGeneration.from_pretrained(base)
+    if not isinstance(base, T5ForConditionalGeneration):
+        raise TypeError(f"base must be a T5ForConditionalGeneration or its name/path, got {type(base).__name__}.")
+    linears = routable_linears(base)
+    base_name = base.config.name_or_path
+    for expert in experts:
+        _check_against_base(expert, linears, base_name)
+    _check_base_names(experts)
+
+    embedding_dim, embedding_model = _check_embeddings(experts)
+
+    base_config = base.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
+        base_config.pop(key, None)
+    config = GliderConfig(
+        **{
+            **base_config,
+            "experts": [_config_entry(e, linears) for e in experts],
+            "instruction_embedding_dim": embedding_dim,
+            "instruction_embedding_model": embedding_model,
+            "base_model_name_or_path": base_name or None,
+            **config_fields,
+        }
+    )
+
+    gates = [_router_gates(expert, entry, config, linears) for expert, entry in zip(experts, config.experts)]
+
+    with no_init_weights():
+        model = cls(config)
+    # The base's dtypes (fp16 T5s keep `wo` in fp32); experts take their linear's dtype; the router stays fp32.
+    model.to(base.dtype)
+    for path, module in model.named_modules():
+        if path in linears:
+            module.to(linears[path].weight.dtype)
+    if model.global_router is not None:
+        model.global_router.float()
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    expert_params = ("lora_A", "lora_B", "router_gate", "expert_embeddings")
+    missing = [k for k in missing if not k.endswith(expert_params)]
+    if missing or unexpected:
+        raise ValueError(f"The base model does not fit a GliderT5: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if isinstance(module, GliderLinear) and module.num_experts:
+                module.set_experts(
+                    {i: (experts[i].lora_A[path], experts[i].lora_B[path], gates[i][path]) for i in module.expert_ids}
+                )
+        if model.global_router is not None:
+            model.global_router.expert_embeddings.copy_(torch.stack([e.instruction_embedding for e in experts]))
+    return model.train(base.training)
+
+
+# Growing and shrinking a built library in place. Each check runs before anything changes; then the config's expert
+# list changes and every routed linear re-derives its experts from it, exactly as a build from scratch would.
+
+
+def add_expert(model, directory: str | os.PathLike) -> None:
+    """See `GliderT5ForConditionalGeneration.add_expert`."""
+    expert = load_expert(directory)
+    config = model.config
+    who = f"Expert {expert.name!r} ({expert.source})"
+    if expert.name in config.expert_names:
+        raise ValueError(
+            f"{who}: the library already has an expert named {expert.name!r}; every expert needs its own name."
+        )
+    linears = routable_linears(model)
+    _check_against_base(expert, linears, config.base_model_name_or_path or "")
+    if (model.global_router is None) != (expert.instruction_embedding is None):
+        has = "has" if expert.instruction_embedding is not None else "has no"
+        library = "has none" if model.global_router is None else "has one for every expert"
+        raise ValueError(f"{who} {has} instruction_embedding, but the library {library}: give all experts one or none.")
+    if expert.instruction_embedding is not None:
+        if expert.instruction_embedding.numel() != config.instruction_embedding_dim:
+            raise ValueError(
+                f"{who}: instruction_embedding has {expert.instruction_embedding.numel()} values, the library's "
+                f"have {config.instruction_embedding_dim}."
+            )
+        if expert.embedding_model != config.instruction_embedding_model:
+            raise ValueError(
+                f"{who}: instruction embedded with {expert.embedding_model!r}, the library's with "
+                f"{config.instruction_embedding_model!r}."
+            )
+    entry = GliderConfig._normalise_expert(len(config.experts), _config_entry(expert, linears))
+    gates = _router_gates(expert, entry, config, linears)
+
+    new_id = len(config.experts)
+    tensors = {}
+    for path, module in model.named_modules():
+        if isinstance(module, GliderLinear):
+            tensors[path] = module.expert_tensors()
+            if path in gates:
+                tensors[path][new_id] = (expert.lora_A[path], expert.lora_B[path], gates[path])
+    embeddings = None
+    if model.global_router is not None:
+        old = model.global_router.expert_embeddings
+        embeddings = torch.cat([old, expert.instruction_embedding.to(old)[None]])
+    _set_library(model, [*config.experts, entry], tensors, embeddings)
+
+
+def remove_expert(model, name: str) -> None:
+    """See `GliderT5ForConditionalGeneration.remove_expert`."""
+    config = model.config
+    if name not in config.expert_names:
+        raise ValueError(f"No expert named {name!r} in the library; its experts are {config.expert_names}.")
+    if len(config.experts) == 1:
+        raise ValueError(f"Expert {name!r} is the library's only expert; a GliderT5 needs at least one.")
+    if config.router_top_k > len(config.experts) - 1:
+        raise ValueError(
+            f"Removing expert {name!r} would leave {len(config.experts) - 1} experts, fewer than router_top_k "
+            f"= {config.router_top_k}; lower model.config.router_top_k first."
+        )
+    removed = config.expert_names.index(name)
+    tensors = {}
+    for path, module in model.named_modules():
+        if isinstance(module, GliderLinear):
+            kept = {i: t for i, t in module.expert_tensors().items() if i != removed}
+            tensors[path] = {(i if i < removed else i - 1): t for i, t in kept.items()}
+    embeddings = None
+    if model.global_router is not None:
+        old = model.global_router.expert_embeddings
+        embeddings = torch.cat([old[:removed], old[removed + 1 :]])
+    _set_library(model, [e for e in config.experts if e["name"] != name], tensors, embeddings)
+
+
+def _set_library(model, experts: list[dict], tensors: dict, embeddings: torch.Tensor | None) -> None:
+    """Install a new expert list: in the model's config and its encoder's and decoder's copies, in every routed
+    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router."""
+    for config in (model.config, model.encoder.config, model.decoder.config):
+        config.experts = list(experts)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if isinstance(module, GliderLinear):
+                module.set_experts(tensors[path])
+        if embeddings is not None:
+            model.global_router.expert_embeddings = embeddings

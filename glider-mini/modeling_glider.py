@@ -1,0 +1,524 @@
+"""GliderT5: a T5 whose linears are mixtures of LoRA experts, routed per token by local routers and per query by
+GLIDER's global instruction router.
+
+The T5 modules below differ from `transformers.models.t5.modeling_t5` in one way: every linear of a block is a
+`GliderLinear`, and the routing inputs of a call (`global_routing_logits`, `routing_record`) travel as keyword
+arguments from the stack down to each linear. T5's stack already forwards extra keyword arguments to its blocks
+and attention layers; the feed-forward path and the attention projections are the parts that had to learn them.
+"""
+
+import copy
+import inspect
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_outputs import Seq2SeqLMOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.t5.modeling_t5 import (
+    T5Attention,
+    T5Block,
+    T5DenseActDense,
+    T5DenseGatedActDense,
+    T5ForConditionalGeneration,
+    T5LayerCrossAttention,
+    T5LayerFF,
+    T5LayerNorm,
+    T5LayerSelfAttention,
+    T5PreTrainedModel,
+    T5Stack,
+    eager_attention_forward,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .pipeline_glider import register_text2text_generation_pipeline
+from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord
+
+try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
+    from .configuration_glider import GliderConfig
+except ImportError:  # the installed packages
+    from configuration_glider import GliderConfig
+
+ROUTING_KWARGS = ("global_routing_logits", "routing_record")
+
+
+def pop_routing_kwargs(kwargs: dict) -> dict:
+    return {name: kwargs.pop(name, None) for name in ROUTING_KWARGS}
+
+
+def clamp_fp16(hidden_states: torch.Tensor) -> torch.Tensor:
+    # as T5Block: clamp inf values to enable fp16 training
+    if hidden_states.dtype == torch.float16:
+        clamp_value = torch.where(
+            torch.isinf(hidden_states).any(),
+            torch.finfo(hidden_states.dtype).max - 1000,
+            torch.finfo(hidden_states.dtype).max,
+        )
+        hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+    return hidden_states
+
+
+# Leaf modules: T5's own constructor, then the routed linears swapped in.
+
+
+class GliderT5DenseActDense(T5DenseActDense):
+    def __init__(self, config: GliderConfig, prefix: str):
+        super().__init__(config)
+        self.wi = GliderLinear(config, f"{prefix}.wi", config.d_model, config.d_ff)
+        self.wo = GliderLinear(config, f"{prefix}.wo", config.d_ff, config.d_model)
+
+    def forward(self, hidden_states, **routing):
+        hidden_states = self.act(self.wi(hidden_states, **routing))
+        hidden_states = self.dropout(hidden_states)
+        if hidden_states.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
+            hidden_states = hidden_states.to(self.wo.weight.dtype)  # wo may be kept in fp32
+        return self.wo(hidden_states, **routing)
+
+
+class GliderT5DenseGatedActDense(T5DenseGatedActDense):
+    def __init__(self, config: GliderConfig, prefix: str):
+        super().__init__(config)
+        self.wi_0 = GliderLinear(config, f"{prefix}.wi_0", config.d_model, config.d_ff)
+        self.wi_1 = GliderLinear(config, f"{prefix}.wi_1", config.d_model, config.d_ff)
+        self.wo = GliderLinear(config, f"{prefix}.wo", config.d_ff, config.d_model)
+
+    def forward(self, hidden_states, **routing):
+        hidden_gelu = self.act(self.wi_0(hidden_states, **routing))
+        hidden_linear = self.wi_1(hidden_states, **routing)
+        hidden_states = self.dropout(hidden_gelu * hidden_linear)
+        if hidden_states.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
+            hidden_states = hidden_states.to(self.wo.weight.dtype)  # wo may be kept in fp32
+        return self.wo(hidden_states, **routing)
+
+
+class GliderT5Attention(T5Attention):
+    def __init__(
+        self, config: GliderConfig, prefix: str, has_relative_attention_bias=False, layer_idx=None, is_causal=False
+    ):
+        super().__init__(config, has_relative_attention_bias, layer_idx, is_causal)
+        self.q = GliderLinear(config, f"{prefix}.q", self.d_model, self.inner_dim)
+        self.k = GliderLinear(config, f"{prefix}.k", self.d_model, self.inner_dim)
+        self.v = GliderLinear(config, f"{prefix}.v", self.d_model, self.inner_dim)
+        self.o = GliderLinear(config, f"{prefix}.o", self.inner_dim, self.d_model)
+
+    def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
+        """T5Attention.forward, with the routing inputs passed to q, k, v and o."""
+        routing = pop_routing_kwargs(kwargs)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
+        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
+        is_cross_attention = key_value_states is not None
+
+        query_states = self.q(hidden_states, **routing).view(hidden_shape).transpose(1, 2)
+
+        is_updated = False
+        if isinstance(cache, EncoderDecoderCache):
+            is_updated = cache.is_updated.get(self.layer_idx)
+            curr_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+        else:
+            curr_cache = cache
+
+        current_states = key_value_states if is_cross_attention else hidden_states
+        if is_cross_attention and cache is not None and is_updated:
+            key_states = curr_cache.layers[self.layer_idx].keys  # cross-attention k, v computed at the first step
+            value_states = curr_cache.layers[self.layer_idx].values
+        else:
+            kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
+            key_states = self.k(current_states, **routing).view(kv_shape).transpose(1, 2)
+            value_states = self.v(current_states, **routing).view(kv_shape).transpose(1, 2)
+            if cache is not None:
+                key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+                if is_cross_attention and isinstance(cache, EncoderDecoderCache):
+                    cache.is_updated[self.layer_idx] = True
+
+        if position_bias is None:
+            key_length = key_states.shape[-2]
+            if not self.has_relative_attention_bias:
+                position_bias = torch.zeros(
+                    (1, self.n_heads, input_shape[1], key_length), device=query_states.device, dtype=query_states.dtype
+                )
+                if self.gradient_checkpointing and self.training:
+                    position_bias.requires_grad = True
+            else:
+                position_bias = self.compute_bias(
+                    input_shape[1], key_length, device=query_states.device, past_seen_tokens=past_seen_tokens
+                )
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            mask,
+            dropout=0.0 if not self.training else self.dropout,
+            scaling=self.scaling,
+            position_bias=position_bias,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o(attn_output, **routing)
+        return attn_output, position_bias, attn_weights
+
+
+# Containers: built here rather than by T5's constructors, so no weight is allocated twice.
+
+
+class GliderT5LayerSelfAttention(T5LayerSelfAttention):
+    def __init__(self, config: GliderConfig, prefix: str, has_relative_attention_bias=False, layer_idx=None):
+        nn.Module.__init__(self)
+        self.SelfAttention = GliderT5Attention(
+            config, f"{prefix}.SelfAttention", has_relative_attention_bias, layer_idx, is_causal=config.is_decoder
+        )
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+
+class GliderT5LayerCrossAttention(T5LayerCrossAttention):
+    def __init__(self, config: GliderConfig, prefix: str, layer_idx=None):
+        nn.Module.__init__(self)
+        self.EncDecAttention = GliderT5Attention(config, f"{prefix}.EncDecAttention", False, layer_idx, is_causal=False)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+
+class GliderT5LayerFF(T5LayerFF):
+    def __init__(self, config: GliderConfig, prefix: str):
+        nn.Module.__init__(self)
+        dense = GliderT5DenseGatedActDense if config.is_gated_act else GliderT5DenseActDense
+        self.DenseReluDense = dense(config, f"{prefix}.DenseReluDense")
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, **routing):
+        forwarded_states = self.DenseReluDense(self.layer_norm(hidden_states), **routing)
+        return hidden_states + self.dropout(forwarded_states)
+
+
+class GliderT5Block(T5Block):
+    def __init__(self, config: GliderConfig, prefix: str, has_relative_attention_bias=False, layer_idx=None):
+        nn.Module.__init__(self)
+        self.is_decoder = config.is_decoder
+        self.layer = nn.ModuleList(
+            [GliderT5LayerSelfAttention(config, f"{prefix}.layer.0", has_relative_attention_bias, layer_idx)]
+        )
+        if self.is_decoder:
+            self.layer.append(GliderT5LayerCrossAttention(config, f"{prefix}.layer.1", layer_idx))
+        self.layer.append(GliderT5LayerFF(config, f"{prefix}.layer.{len(self.layer)}"))
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_bias=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        encoder_decoder_position_bias=None,
+        cache=None,
+        **kwargs,
+    ):
+        """T5Block.forward, with the routing inputs passed to the feed-forward layer too."""
+        routing = {name: kwargs.get(name) for name in ROUTING_KWARGS}
+        hidden_states, self_attn_position_bias, _ = self.layer[0](
+            hidden_states, attention_mask=attention_mask, position_bias=position_bias, cache=cache, **kwargs
+        )
+        hidden_states = clamp_fp16(hidden_states)
+
+        cross_attn_position_bias = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            hidden_states, cross_attn_position_bias, _ = self.layer[1](
+                hidden_states,
+                key_value_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                position_bias=encoder_decoder_position_bias,
+                cache=cache,
+                **kwargs,
+            )
+            hidden_states = clamp_fp16(hidden_states)
+
+        hidden_states = clamp_fp16(self.layer[-1](hidden_states, **routing))
+        return hidden_states, self_attn_position_bias, cross_attn_position_bias
+
+
+class GliderT5PreTrainedModel(T5PreTrainedModel):
+    config: GliderConfig
+    config_class = GliderConfig
+    _no_split_modules = ["GliderT5Block"]
+    _keep_in_fp32_modules = ["wo", "global_router"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, GliderLinear):
+            # The rebuilt config-derived buffers are the point here: after a meta-device load they are empty.
+            init.copy_(module.lora_scaling, torch.tensor(module.expert_scalings))
+            init.copy_(module.expert_index, torch.tensor(module.expert_ids, dtype=torch.long))
+            if module.num_experts:
+                init.normal_(module.lora_A, std=module.in_features**-0.5)
+                init.zeros_(module.lora_B)  # a fresh expert changes nothing
+                init.zeros_(module.router_gate)
+        elif isinstance(module, GliderGlobalRouter):
+            init.zeros_(module.expert_embeddings)
+
+
+class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
+    def __init__(self, config: GliderConfig, prefix: str):
+        T5PreTrainedModel.__init__(self, config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.is_decoder = config.is_decoder
+        self.block = nn.ModuleList(
+            [GliderT5Block(config, f"{prefix}.block.{i}", bool(i == 0), layer_idx=i) for i in range(config.num_layers)]
+        )
+        self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.post_init()
+        self.gradient_checkpointing = False
+
+    # T5Stack.forward passes every extra keyword argument (the routing inputs) on to each block.
+
+
+@dataclass
+class GliderSeq2SeqLMOutput(Seq2SeqLMOutput):
+    """`Seq2SeqLMOutput` plus, when asked for with `output_routing=True`, the experts every token used."""
+
+    routing: RoutingRecord | None = None
+
+
+class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditionalGeneration):
+    r"""
+    A T5 whose linears route every token among LoRA experts (Phatgoose or Arrow local routers), biased per query by
+    GLIDER's global router when `instruction_embeddings` are given. Build one with [`from_experts`]; it saves, loads
+    and generates like any Transformers model.
+    """
+
+    def __init__(self, config: GliderConfig):
+        T5PreTrainedModel.__init__(self, config)
+        self.model_dim = config.d_model
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+
+        encoder_config = copy.deepcopy(config)
+        encoder_config.is_decoder = False
+        encoder_config.use_cache = False
+        self.encoder = GliderT5Stack(encoder_config, "encoder")
+
+        decoder_config = copy.deepcopy(config)
+        decoder_config.is_decoder = True
+        decoder_config.num_layers = config.num_decoder_layers
+        self.decoder = GliderT5Stack(decoder_config, "decoder")
+
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.global_router = GliderGlobalRouter(config) if config.instruction_embedding_dim else None
+        # The stacks hold copies of the config (as in T5); routing reads the model's own, so that changing a knob
+        # on `model.config` (e.g. `router_top_k`) takes effect everywhere.
+        for module in self.modules():
+            if isinstance(module, (GliderLinear, GliderGlobalRouter)):
+                module.config = config
+        self.post_init()
+
+    @classmethod
+    def from_experts(
+        cls,
+        base: T5ForConditionalGeneration | str,
+        experts: list[str],
+        *,
+        top_k: int = 2,
+        global_routing_scale: float | None = None,
+        **config_overrides,
+    ) -> "GliderT5ForConditionalGeneration":
+        """Build a GliderT5 from a base T5 (model, Hub id or path) and expert directories (see `experts.py`).
+
+        Every expert is read and checked before anything is built; `config_overrides` set other `GliderConfig`
+        fields (e.g. `router_top_p`, `local_router`).
+        """
+        from .experts import build_glider_model
+
+        if global_routing_scale is not None:
+            config_overrides["global_routing_scale"] = global_routing_scale
+        return build_glider_model(cls, base, experts, router_top_k=top_k, **config_overrides)
+
+    def add_expert(self, expert: str | os.PathLike) -> None:
+        """Add one expert (a directory or a Hub repo id) to the library, in place, without touching the other experts.
+
+        The expert is checked like `from_experts` checks it (shapes against this base, a gate for every linear it adapts
+        unless `local_router="arrow"`, an instruction embedding of the library's width iff the library has them). It
+        gets the next expert index; the model then saves, loads and routes exactly like one built from scratch with the
+        same experts in the same order.
+        """
+        from .experts import add_expert
+
+        add_expert(self, expert)
+
+    def remove_expert(self, name: str) -> None:
+        """Remove the expert called `name` from the library, in place; the later experts move up one index."""
+        from .experts import remove_expert
+
+        remove_expert(self, name)
+
+    def global_routing_logits(
+        self, instruction_embeddings: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """`alpha * cos(u, G_e)` for every query row u: `[batch, D]` -> `[batch, num_experts]`."""
+        if self.global_router is None:
+            raise ValueError(
+                "instruction_embeddings were given, but this GliderT5 has no global router: its experts were built "
+                "without instruction embeddings (add `instruction_embedding` to each glider_expert.safetensors)."
+            )
+        logits = self.global_router(instruction_embeddings)
+        if batch_size is not None and logits.shape[0] != batch_size:
+            raise ValueError(
+                f"instruction_embeddings has {logits.shape[0]} rows but the batch has {batch_size} queries; "
+                "give one row per query."
+            )
+        return logits
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.BoolTensor | None = None,
+        encoder_outputs=None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        instruction_embeddings: torch.Tensor | None = None,
+        global_routing_logits: torch.Tensor | None = None,
+        output_routing: bool = False,
+        routing_record: RoutingRecord | None = None,
+        **kwargs,
+    ) -> GliderSeq2SeqLMOutput:
+        r"""
+        T5ForConditionalGeneration.forward, plus:
+
+        instruction_embeddings (`torch.Tensor` of shape `(batch_size, instruction_embedding_dim)`, *optional*):
+            One embedded instruction per query; switches on the global router for that row. Without it, routing is
+            local only (Phatgoose); a row of zeros makes that one query local only.
+        global_routing_logits (`torch.Tensor` of shape `(batch_size, num_experts)`, *optional*):
+            Precomputed `alpha * cos(u, G_e)` (what `generate` passes on); exclusive with `instruction_embeddings`.
+        output_routing (`bool`, *optional*):
+            Return the experts every token used at every routed linear as `routing` (a `RoutingRecord`).
+        routing_record (`RoutingRecord`, *optional*):
+            Append this call's routing to an existing record (how `generate` collects every step).
+        """
+        if instruction_embeddings is not None:
+            if global_routing_logits is not None:
+                raise ValueError("Pass instruction_embeddings or global_routing_logits, not both.")
+            batch = next(
+                t for t in (input_ids, inputs_embeds, decoder_input_ids, decoder_inputs_embeds) if t is not None
+            )
+            global_routing_logits = self.global_routing_logits(instruction_embeddings, batch.shape[0])
+        if output_routing and routing_record is None:
+            routing_record = RoutingRecord()
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            global_routing_logits=global_routing_logits,
+            routing_record=routing_record,
+            return_dict=True,
+            **kwargs,
+        )
+        return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        instruction_embeddings: torch.Tensor | None = None,
+        output_routing: bool = False,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate`, plus per-query `instruction_embeddings` (`[batch, D]`).
+
+        The global routing logits are computed once per query and travel as a model input, so `generate` expands
+        them with the batch for beam search and hands them to the encoder and every decoding step. With
+        `output_routing=True` (which needs `return_dict_in_generate=True`) the output carries a `routing` record of
+        the whole call.
+        """
+        if instruction_embeddings is not None:
+            batch = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            kwargs["global_routing_logits"] = self.global_routing_logits(
+                instruction_embeddings, None if batch is None else batch.shape[0]
+            )
+        if output_routing and not kwargs.get("return_dict_in_generate"):
+            raise ValueError("output_routing=True needs return_dict_in_generate=True.")
+        record = RoutingRecord() if output_routing else None
+        outputs = super().generate(inputs, routing_record=record, **kwargs)
+        if record is not None:
+            outputs["routing"] = record
+        return outputs
+
+    def save_pretrained(self, save_directory, is_main_process=True, state_dict=None, push_to_hub=False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus this model's code saved flat beside the weights, so that the
+        folder (or a Hub repo made from it) loads with `trust_remote_code=True` where the package is not installed.
+
+        With `push_to_hub=True` the complete folder is pushed once it is written (see `push_to_hub`); `repo_id`
+        defaults to the folder's name.
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub=False, **kwargs)
+        if not is_main_process:
+            return
+        for source in code_files():
+            shutil.copyfile(source, Path(save_directory) / source.name)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            _hub().push_folder(save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, max_shard_size: int | str = "50GB", **push_kwargs):
+        """Push this model to the Hub as one commit: weights (safetensors), config (with `auto_map` and the custom
+        text2text-generation pipeline), this model's code, `tokenizer` if given, and a model card listing the
+        experts and the routing settings. `push_kwargs` are those of `modeling_glider.hub.push_folder`: `token`,
+        `private`, `revision`, `create_pr`, `commit_message`, `commit_description`, `eval_results` (JSON file or
+        dict for the card), `license`, `tags`, `model_card`.
+
+        The repo then loads by its id with the package (`AutoModel.from_pretrained(repo_id)`) and without it
+        (`trust_remote_code=True`). Needs the glider-t5 package (for the card template). Returns the `CommitInfo`.
+        """
+        return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
+
+
+HUB_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
+
+
+def _hub():
+    """The package's Hub module. An absolute import inside `try`: a model loaded with `trust_remote_code=True`
+    runs without the package, and transformers does not demand what is imported in a `try` block."""
+    try:
+        from modeling_glider import hub
+    except ImportError:
+        raise ImportError(
+            "Pushing a GliderT5 with its model card needs the glider-t5 package (pip install glider-t5)."
+        ) from None
+    return hub
+
+
+def code_files() -> list[Path]:
+    """The files a flat folder needs to run this model without the package: `auto_map` and `custom_pipelines` in
+    the config point into them."""
+    here = Path(__file__).parent
+    names = ("modeling_glider.py", "routing.py", "experts.py", "pipeline_glider.py", "embedding.py", "instructions.py")
+    return [Path(inspect.getfile(GliderConfig))] + [here / name for name in names]
+
+
+register_text2text_generation_pipeline()
+
+__all__ = ["GliderT5ForConditionalGeneration", "GliderSeq2SeqLMOutput", "GliderT5PreTrainedModel"]

@@ -1,0 +1,218 @@
+"""GLIDER's routers and the mixture-of-LoRA linear they drive.
+
+Per routed linear and per token x (that linear's input), with u the query's instruction embedding:
+
+    logits_e = local_e(x) + alpha * cos(u, G_e)          (the global term is absent without u: Phatgoose)
+    w = renormalise(top_k(softmax(logits)))               (fp32)
+    y = W x + sum_e w_e s_e B_e A_e x
+
+`local_e` is Phatgoose's `LN(x) . LN(v_e) / sqrt(d_in)` or Arrow's `|x . v_e| / T`. Everything a call routes by
+arrives as arguments, so one batch may mix tasks and threads may share a model.
+"""
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROUTER_LAYER_NORM_EPS = 1e-5
+
+
+def phatgoose_logits(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """local_e = LN(x) . LN(v_e) / sqrt(d_in), LN without affine parameters, in fp32. [..., d], [E, d] -> [..., E]."""
+    d_in = x.shape[-1]
+    x = F.layer_norm(x.float(), (d_in,), eps=ROUTER_LAYER_NORM_EPS)
+    gates = F.layer_norm(gates.float(), (d_in,), eps=ROUTER_LAYER_NORM_EPS)
+    return x @ gates.T / math.sqrt(d_in)
+
+
+def arrow_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """local_e = |x . v_e| / T, v_e the top right singular vector of B_e A_e. [..., d], [E, d] -> [..., E]."""
+    return (x.float() @ prototypes.float().T).abs() / temperature
+
+
+def glider_routing_weights(
+    local_logits: torch.Tensor, global_logits: torch.Tensor | None, top_k: int, top_p: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(local + global) over the experts in fp32, keep the top-k (and the top-p mass), renormalise.
+
+    Returns the kept weights and expert indices, best first, each `[..., min(top_k, E)]`. Experts cut by top-p keep
+    their slot with weight 0.
+    """
+    logits = local_logits.float() if global_logits is None else local_logits.float() + global_logits.float()
+    probs = logits.softmax(dim=-1)
+    weights, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    if top_p is not None:
+        weights = weights * ((weights.cumsum(dim=-1) - weights) < top_p)  # the best expert is always kept
+    return weights / weights.sum(dim=-1, keepdim=True), indices
+
+
+class RoutingRecord:
+    """The experts every token used at every routed linear, over one forward or one whole `generate` call."""
+
+    def __init__(self):
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+
+    def add(self, module_path: str, weights: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """`weights`, `expert_ids`: `[batch, tokens, k]`, ids in the model's expert numbering."""
+        self.calls[module_path].append((weights.detach(), expert_ids.detach()))
+
+    def module_usage(self, num_experts: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """Per routed linear, each query's mean routing weight on every expert, `[batch_size, num_experts]`.
+
+        Calls with more rows than `batch_size` (beam search, `num_return_sequences`) fold consecutive rows onto
+        their query, as `generate` lays them out.
+        """
+        usage = {}
+        for module_path, calls in self.calls.items():
+            total = torch.zeros(batch_size, num_experts)
+            tokens = torch.zeros(batch_size, 1)
+            for weights, expert_ids in calls:
+                rows, length, _ = weights.shape
+                query = torch.arange(rows) // (rows // batch_size)
+                dense = torch.zeros(rows, length, num_experts).scatter_add_(-1, expert_ids.cpu(), weights.float().cpu())
+                total.index_add_(0, query, dense.sum(dim=1))
+                tokens.index_add_(0, query, torch.full((rows, 1), float(length)))
+            usage[module_path] = total / tokens
+        return usage
+
+    def expert_usage(self, num_experts: int, batch_size: int) -> torch.Tensor:
+        """Each query's mean routing weight on every expert over all routed linears, `[batch_size, num_experts]`."""
+        return torch.stack(list(self.module_usage(num_experts, batch_size).values())).mean(dim=0)
+
+
+class GliderLinear(nn.Linear):
+    """An `nn.Linear` of the base T5 plus the LoRA experts that adapt it, routed per token.
+
+    The base weight keeps T5's name (`weight`), so plain T5 checkpoints load into it. Expert tensors are stacked,
+    ranks zero-padded to the largest rank at this linear (padding adds exactly zero): `lora_A` `[E, r, d_in]`,
+    `lora_B` `[E, d_out, r]`, `router_gate` `[E, d_in]` (Phatgoose gate or Arrow prototype). Which experts these
+    are, their ranks and scalings all follow from the config; a linear no expert adapts is a plain linear.
+    """
+
+    def __init__(self, config, module_path: str, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.config = config
+        self.module_path = module_path
+        self.set_experts()
+
+    def set_experts(self, tensors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Derive which experts adapt this linear, their ranks and scalings from `self.config`, and (re)allocate the
+        stacked expert tensors: zero, or filled from `tensors` (expert id -> unpadded `A [r, d_in]`, `B [d_out, r]`,
+        `gate [d_in]`). Adding or removing an expert is: change the config, then call this with every expert's tensors.
+        """
+        experts = self.config.module_experts(self.module_path)
+        self.expert_ids = [e for e, _, _ in experts]
+        self.expert_ranks = [r for _, r, _ in experts]
+        self.expert_scalings = [s for _, _, s in experts]
+        num_experts, max_rank = len(experts), max(self.expert_ranks, default=0)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        if num_experts:
+            lora_A = torch.zeros(num_experts, max_rank, self.in_features, **factory)
+            lora_B = torch.zeros(num_experts, self.out_features, max_rank, **factory)
+            router_gate = torch.zeros(num_experts, self.in_features, **factory)
+            for slot, (expert_id, rank) in enumerate(zip(self.expert_ids, self.expert_ranks)):
+                if tensors is not None:  # ranks zero-padded to the largest rank here
+                    A, B, gate = tensors[expert_id]
+                    lora_A[slot, :rank], lora_B[slot, :, :rank], router_gate[slot] = A, B, gate
+            self.lora_A, self.lora_B, self.router_gate = map(nn.Parameter, (lora_A, lora_B, router_gate))
+        else:
+            for name in ("lora_A", "lora_B", "router_gate"):
+                self.register_parameter(name, None)
+        # Derived from the config, so not saved; `_init_weights` rebuilds them after a meta-device load.
+        device = self.weight.device
+        self.register_buffer("lora_scaling", torch.tensor(self.expert_scalings, device=device), persistent=False)
+        self.register_buffer(
+            "expert_index", torch.tensor(self.expert_ids, dtype=torch.long, device=device), persistent=False
+        )
+
+    def expert_tensors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Expert id -> this linear's unpadded `(A [r, d_in], B [d_out, r], gate [d_in])` of that expert."""
+        return {
+            expert_id: (self.lora_A[slot, :rank], self.lora_B[slot, :, :rank], self.router_gate[slot])
+            for slot, (expert_id, rank) in enumerate(zip(self.expert_ids, self.expert_ranks))
+        }
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_ids)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        global_routing_logits: torch.Tensor | None = None,
+        routing_record: RoutingRecord | None = None,
+    ) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.num_experts:
+            return y
+        weights, indices = self.route(x, global_routing_logits)
+        if routing_record is not None:
+            routing_record.add(self.module_path, weights, self.expert_index[indices])
+        return y + self.mixture_of_lora(x, weights, indices)
+
+    def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and local expert indices per token, `[batch, tokens, k]`, for input `x` `[batch, tokens, d_in]`."""
+        if self.config.local_router == "arrow":
+            local_logits = arrow_logits(x, self.router_gate, self.config.arrow_temperature)
+        else:
+            local_logits = phatgoose_logits(x, self.router_gate)
+        global_logits = None
+        if global_routing_logits is not None:  # [batch, all experts] -> [batch, 1, experts of this linear]
+            global_logits = global_routing_logits.to(x.device).index_select(-1, self.expert_index)[:, None, :]
+        return glider_routing_weights(local_logits, global_logits, self.config.router_top_k, self.config.router_top_p)
+
+    def mixture_of_lora(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """sum_e w_e s_e B_e A_e x. Reference path: every expert is computed, unselected ones with w_e = 0."""
+        dense_weights = torch.zeros(*weights.shape[:-1], self.num_experts, device=x.device)
+        dense_weights = dense_weights.scatter(-1, indices, weights) * self.lora_scaling
+        hidden = torch.einsum("btd,erd->bter", x, self.lora_A.to(x.dtype))
+        return torch.einsum("bter,bte,eor->bto", hidden, dense_weights.to(x.dtype), self.lora_B.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={self.num_experts}, max_rank={max(self.expert_ranks, default=0)}"
+
+
+class GliderGlobalRouter(nn.Module):
+    """GLIDER's global router: `alpha * cos(u, G_e)`, one bias per query and expert for every routed linear.
+
+    alpha follows `config.global_routing_policy`: fixed, or per query by a threshold on its best cosine similarity. A
+    row of zeros in the instruction embeddings means "no instruction for this query" (e.g. its instruction could not
+    be written): that row gets no global term, so the query is routed by the local routers alone.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.register_buffer("expert_embeddings", torch.zeros(len(config.experts), config.instruction_embedding_dim))
+
+    def forward(self, instruction_embeddings: torch.Tensor) -> torch.Tensor:
+        """`[batch, D]` instruction embeddings -> `[batch, num_experts]` global routing logits (fp32)."""
+        u = instruction_embeddings
+        width = self.config.instruction_embedding_dim
+        if not isinstance(u, torch.Tensor) or u.dim() != 2 or u.shape[-1] != width:
+            shape = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(
+                f"instruction_embeddings must be a float tensor [batch, {width}] (one row per query, embedded with "
+                f"{self.config.instruction_embedding_model or 'the experts’ embedding model'}), got {shape}."
+            )
+        if not torch.is_floating_point(u):
+            raise ValueError(f"instruction_embeddings must be a float tensor, got dtype {u.dtype}.")
+        if not torch.isfinite(u).all():
+            bad = (~torch.isfinite(u)).any(dim=-1).nonzero().flatten().tolist()
+            raise ValueError(f"instruction_embeddings rows {bad} hold NaN or inf.")
+        G = self.expert_embeddings.float()
+        u = u.float().to(G.device)
+        cosine = F.normalize(u, dim=-1) @ F.normalize(G, dim=-1).T
+        config = self.config
+        if config.global_routing_policy == "threshold":
+            matches_an_expert = cosine.max(dim=-1, keepdim=True).values >= config.global_routing_threshold
+            alpha = torch.where(
+                matches_an_expert, config.global_routing_scale, config.global_routing_scale_unmatched
+            ).float()
+        else:
+            alpha = torch.full((len(u), 1), float(config.global_routing_scale), device=G.device)
+        has_instruction = (u != 0).any(dim=-1, keepdim=True)
+        return torch.where(has_instruction, alpha * cosine, 0.0)
