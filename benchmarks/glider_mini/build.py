@@ -226,6 +226,7 @@ class Stages:
     # Stage 5
     def assemble(self, out: Path, command: list[str]) -> None:
         from modeling_glider import GliderT5ForConditionalGeneration
+        from modeling_glider.modeling_glider import code_files
 
         r = self.recipe
         base = T5ForConditionalGeneration.from_pretrained(self.work / "base")
@@ -238,6 +239,8 @@ class Stages:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             model.save_pretrained(staging)
+            for source in code_files():  # loaded through the package: a copy of its code here would go stale
+                (staging / source.name).unlink()
             T5Tokenizer.from_pretrained(self.work / "base").save_pretrained(staging)
             pretraining = json.loads((self.work / "base" / "pretraining_metrics.json").read_text())
             recipe = {"command": command, "recipe": r.as_dict(), "versions": package_versions()}
