@@ -44,16 +44,28 @@ def gathered_mixture_of_lora(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
 ) -> torch.Tensor:
-    """`y` plus, per token, the sum over its k experts of w s B A x: per-token gathers and two batched matmuls."""
+    """`y` plus, per token, the sum over its k experts of w s B A x, without a loop: gathers and batched matmuls."""
     *lead, d_in = x.shape
     k, r, d_out = indices.shape[-1], lora_A.shape[1], lora_B.shape[1]
     flat = indices.reshape(-1)
     tokens = flat.numel() // k
-    A = lora_A.to(x.dtype).index_select(0, flat).view(tokens, k * r, d_in)
+    lora_A, lora_B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.reshape(tokens, d_in)
+    if x.device.type == "cpu":  # on accelerators `unique` would synchronise with the host at every linear
+        experts, slot = flat.unique(return_inverse=True)
+        used = experts.numel()
+        # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth
+        # reading once; the product over the experts in use costs used/k times the per-token one, hence the cap.
+        if 2 * used <= flat.numel() and used <= 8 * k:
+            mix = x.new_zeros(tokens, used).scatter_add_(1, slot.view(tokens, k), scaled_weights.view(tokens, k))
+            hidden = (x @ lora_A.index_select(0, experts).view(used * r, d_in).T).view(tokens, used, r)
+            hidden = (hidden * mix[:, :, None]).transpose(0, 1)  # [used, tokens, r]
+            out = torch.bmm(hidden, lora_B.index_select(0, experts).transpose(1, 2)).sum(dim=0)
+            return y + out.view(*lead, d_out)
+    A = lora_A.index_select(0, flat).view(tokens, k * r, d_in)
     # [tokens, 1, d_in] @ [tokens, d_in, k r]: with the vector on the left the batched matmul stays on its fast path
-    hidden = torch.bmm(x.reshape(tokens, 1, d_in), A.transpose(1, 2)).view(tokens * k, 1, r)
+    hidden = torch.bmm(x[:, None, :], A.transpose(1, 2)).view(tokens * k, 1, r)
     hidden = hidden * scaled_weights.reshape(tokens * k, 1, 1)
-    B = lora_B.to(x.dtype).index_select(0, flat)
+    B = lora_B.index_select(0, flat)
     return y + torch.bmm(hidden, B.transpose(1, 2)).view(*lead, k, d_out).sum(dim=-2)
 
 

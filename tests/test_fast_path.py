@@ -15,7 +15,7 @@ import torch
 
 from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration
-from modeling_glider.fast_lora import AUTO_GATHER_MAX_TOKENS
+from modeling_glider.fast_lora import AUTO_GATHER_MAX_TOKENS, gathered_mixture_of_lora
 from modeling_glider.routing import GliderLinear
 from tests.conftest import EMBED_DIM, make_base, make_expert
 from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: F401 (a fixture)
@@ -73,6 +73,24 @@ def test_fast_linear_equals_dense_reference(top_k, top_p, use_global, tokens):
         for implementation in FAST + ("auto",):
             torch.testing.assert_close(run(linear, implementation, x, global_logits), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected, torch.nn.functional.linear(x, linear.weight), atol=1e-2)  # LoRA matters
+
+
+@pytest.mark.parametrize("rows_share_experts", [False, True])
+def test_gather_reads_shared_experts_once_with_the_same_result(rows_share_experts):
+    """The gather path reads each expert once when rows share experts (beams of one query) and gathers per token
+    otherwise; both equal the dense reference."""
+    linear = random_linear(linear_config(top_k=2))
+    if rows_share_experts:  # 8 rows, 2 experts in use: 2 * 2 <= 16 pairs
+        indices = torch.tensor([[0, 1], [1, 0]]).repeat(4, 1)[:, None, :]
+    else:  # 2 rows, 4 experts in use
+        indices = torch.tensor([[0, 1], [2, 3]])[:, None, :]
+    x = torch.randn(indices.shape[0], 1, D_IN)
+    weights = torch.rand(indices.shape).softmax(dim=-1)
+    with torch.no_grad():
+        expected = linear.mixture_of_lora(x, weights, indices)
+        scaled = weights * linear.lora_scaling[indices]
+        got = gathered_mixture_of_lora(torch.zeros_like(expected), x, scaled, indices, linear.lora_A, linear.lora_B)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_linear_with_fewer_experts_than_top_k_and_partial_library():
