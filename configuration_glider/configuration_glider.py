@@ -71,7 +71,8 @@ class GliderConfig(T5Config):
     lora_implementation (`str`, defaults to `"auto"`):
         How a routed linear computes `sum_e w_e s_e B_e A_e x`; every choice gives the same result up to rounding.
         `"dense"`: over all experts, unselected ones with weight 0 (the readable reference; cost grows with E).
-        `"gather"`: gathers each token's k experts and uses batched matmuls (no loop; for few tokens).
+        `"gather"`: gathers each token's k experts (each expert once where rows share them, as beams do) and uses
+        batched matmuls: no loop, for few tokens.
         `"grouped"`: groups tokens by expert, one matmul pair per expert in use (for many tokens).
         `"auto"`: `"gather"` for calls on up to 64 tokens (every decoding step), `"grouped"` above.
     """

@@ -11,7 +11,6 @@ arrives as arguments, so one batch may mix tasks and threads may share a model.
 """
 
 import math
-import weakref
 from collections import defaultdict
 
 import torch
@@ -202,9 +201,9 @@ class GliderLinear(nn.Linear):
             return phatgoose_gates(gate)
         key = (gate._version, gate.data_ptr(), gate.device)
         cached = self._normalised_gates
-        if cached is None or cached[0]() is not gate or cached[1] != key:
+        if cached is None or cached[0] is not gate or cached[1] != key:
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable outside inference mode
-                cached = (weakref.ref(gate), key, phatgoose_gates(gate))
+                cached = (gate, key, phatgoose_gates(gate))
             self._normalised_gates = cached
         return cached[2]
 
