@@ -27,6 +27,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -85,8 +86,8 @@ class Setup:
 
 FULL = Setup()
 QUICK = Setup(
-    d_model=128, d_kv=32, d_ff=256, num_heads=4, num_layers=2, vocab_size=512, experts=(4, 16),
-    embedding_dim=32, encoder_length=128, prompt_length=16, new_tokens=8, repeats=2,
+    d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=256, experts=(4, 16),
+    embedding_dim=32, encoder_length=96, prompt_length=16, new_tokens=4, repeats=2,
 )  # fmt: skip
 
 
@@ -203,8 +204,8 @@ def make_inputs(setup: Setup, glider: GliderT5ForConditionalGeneration, seed: in
     return inputs
 
 
-def run_workload(system: str, model, workload: str, inputs: dict, setup: Setup):
-    """One run of `workload` on `system`; returns the output (logits or token ids)."""
+def run_workload(system: str, model, workload: str, inputs: dict, setup: Setup, **extra):
+    """One run of `workload` on `system`; returns the model's output."""
     data = inputs["forward" if workload == "forward" else "generate"]
     ids = data["input_ids"]
     routing = {}
@@ -215,16 +216,25 @@ def run_workload(system: str, model, workload: str, inputs: dict, setup: Setup):
     if workload == "forward":
         with torch.inference_mode():
             start = torch.zeros(ids.shape[0], 1, dtype=torch.long)
-            return model(input_ids=ids, decoder_input_ids=start, **routing).logits
+            return model(input_ids=ids, decoder_input_ids=start, **routing, **extra)
     beams = setup.beams if workload == "beam" else 1
     n = setup.new_tokens
     with torch.inference_mode():
         return model.generate(
-            input_ids=ids, max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False, **routing
+            input_ids=ids, max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False, **routing, **extra
         )
 
 
 _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def experts_in_use(glider, workload: str, inputs: dict, setup: Setup) -> float:
+    """Distinct experts per routed-linear call of GliderT5, averaged over the calls of one run: the LoRA weights a
+    call must read (the whole batch shares one call)."""
+    extra = {"output_routing": True} | ({} if workload == "forward" else {"return_dict_in_generate": True})
+    record = run_workload("glider", glider, workload, inputs, setup, **extra).routing
+    counts = [ids.unique().numel() for calls in record.calls.values() for _, ids in calls]
+    return sum(counts) / len(counts)
 
 
 def _rss_mib() -> tuple[float, float]:
@@ -269,7 +279,7 @@ def machine() -> dict:
     model_name = re.search(r"Model name:\s+(.+)", lscpu)
     return {
         "cpu": model_name[1].strip() if model_name else platform.processor(),
-        "cpus": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -293,6 +303,7 @@ def bench_library(base, setup: Setup, num_experts: int, systems=SYSTEMS, workloa
         "weights_mib": {s: tensor_mib(m) for s, m in models.items()},
         "seconds": {},
         "call_peak_mib": {},
+        "experts_in_use": {w: experts_in_use(glider, w, inputs, setup) for w in workloads},
     }
     for workload in workloads:
         for system, model in models.items():  # warm-up, and one run each for memory
@@ -343,7 +354,8 @@ def markdown(report: dict) -> str:
     setup, results, summary = report["setup"], report["results"], report["ratios"]
     systems = [s for s in SYSTEMS if s in results[0]["seconds"]["forward"]]
     lines = [
-        f"Machine: {report['machine']['cpu']}, {report['machine']['torch_threads']} torch threads, torch "
+        f"Machine: {report['machine']['cpu']} ({report['machine']['cpus']} CPUs), "
+        f"{report['machine']['torch_threads']} torch threads, torch "
         f"{report['machine']['torch']}, {report['machine']['date']}. Command: `{report['command']}`.",
         "",
         f"Model: T5 d_model {setup['d_model']}, d_ff {setup['d_ff']} (gated-gelu), {setup['num_heads']} heads, "
@@ -353,21 +365,24 @@ def markdown(report: dict) -> str:
         f"{setup['beams']}: {setup['generate_batch']} queries x {setup['prompt_length']} tokens, exactly "
         f"{setup['new_tokens']} new tokens. Medians of {setup['repeats']} runs.",
         "",
-        "| E | workload | " + " | ".join(f"{s} (s)" for s in systems) + " | glider/base | glider/reference_loop "
-        "| glider/peft |",
-        "|---|---|" + "---|" * (len(systems) + 3),
-    ]
+        "| E | workload | experts in use per linear call | " + " | ".join(f"{s} (s)" for s in systems)
+        + " | glider/base | glider/reference_loop | glider/peft |",
+        "|---|---|---|" + "---|" * (len(systems) + 3),
+    ]  # fmt: skip
     for r in results:
         for workload, t in r["seconds"].items():
             ratio = [f"{t['glider'] / t[o]:.2f}" if o in t else "-" for o in ("base", "reference_loop", "peft")]
             lines.append(
-                f"| {r['experts']} | {workload} | " + " | ".join(f"{t[s]:.3f}" for s in systems) + " | "
-                + " | ".join(ratio) + " |"
+                f"| {r['experts']} | {workload} | {r['experts_in_use'][workload]:.1f} | "
+                + " | ".join(f"{t[s]:.3f}" for s in systems) + " | " + " | ".join(ratio) + " |"
             )  # fmt: skip
     if summary["growth"]:
         lines += ["", "| growth | ratio |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in summary["growth"].items()]
     lines += [
+        "",
+        "Memory: parameter and buffer bytes of each system (shared tensors counted for each system) + the growth of "
+        "the process's resident set during one run (VmHWM after clear_refs).",
         "",
         "| E | LoRA+gates (MiB) | workload | " + " | ".join(f"{s} weights+call peak (MiB)" for s in systems)
         + " | glider peak above base / (LoRA+gates) |",
