@@ -21,6 +21,17 @@ from tests.conftest import EMBED_DIM, make_base, make_expert
 from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: F401 (a fixture)
 
 D_IN, D_OUT = 32, 48
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny ops: on a shared 2-core machine a second thread mostly waits for the other's core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PATH = "encoder.block.0.layer.0.SelfAttention.q"
 FAST = ("gather", "grouped")
 
