@@ -185,7 +185,7 @@ def build_peft(base: T5ForConditionalGeneration, glider: GliderT5ForConditionalG
 
 
 def make_inputs(setup: Setup, glider: GliderT5ForConditionalGeneration, seed: int = 1) -> dict:
-    """Token ids and, per query, an instruction embedding close to one expert's (a query of that expert's task)."""
+    """Token ids and, per query, an instruction embedding close to one expert's: queries of different tasks."""
     generator = torch.Generator().manual_seed(seed)
     G = glider.global_router.expert_embeddings
     inputs = {}
@@ -193,7 +193,7 @@ def make_inputs(setup: Setup, glider: GliderT5ForConditionalGeneration, seed: in
         ("forward", setup.encoder_batch, setup.encoder_length),
         ("generate", setup.generate_batch, setup.prompt_length),
     ]:
-        task = torch.randint(0, G.shape[0], (batch,), generator=generator)
+        task = torch.randperm(G.shape[0], generator=generator)[:batch]
         u = G[task] + 0.5 * torch.randn(batch, G.shape[1], generator=generator)
         inputs[workload] = {
             "input_ids": torch.randint(2, setup.vocab_size, (batch, length), generator=generator),

@@ -55,7 +55,7 @@ def gathered_mixture_of_lora(
         used = experts.numel()
         # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth
         # reading once; the product over the experts in use costs used/k times the per-token one, hence the cap.
-        if 2 * used <= flat.numel() and used <= 8 * k:
+        if 2 * used <= flat.numel() and used <= 5 * k:
             mix = x.new_zeros(tokens, used).scatter_add_(1, slot.view(tokens, k), scaled_weights.view(tokens, k))
             hidden = (x @ lora_A.index_select(0, experts).view(used * r, d_in).T).view(tokens, used, r)
             hidden = (hidden * mix[:, :, None]).transpose(0, 1)  # [used, tokens, r]

@@ -178,6 +178,15 @@ def glider_library(tmp_path):
     return base, dirs
 
 
+def test_implementation_chosen_at_load_reaches_every_linear(glider_library, tmp_path):
+    base, dirs = glider_library
+    GliderT5ForConditionalGeneration.from_experts(base, dirs, lora_implementation="grouped").save_pretrained(tmp_path)
+    assert GliderT5ForConditionalGeneration.from_pretrained(tmp_path).config.lora_implementation == "grouped"
+    model = GliderT5ForConditionalGeneration.from_pretrained(tmp_path, lora_implementation="dense")
+    linears = [m for m in model.modules() if isinstance(m, GliderLinear)]
+    assert linears and {m.lora_implementation(1) for m in linears} == {"dense"}
+
+
 def with_implementation(model: GliderT5ForConditionalGeneration, implementation: str):
     model.config.lora_implementation = implementation  # every linear shares the model's config
     for module in model.modules():
