@@ -17,8 +17,8 @@ Workloads: `forward` (inputs of `encoder_length` tokens and one decoder token: t
 `beam` generation of exactly `new_tokens` tokens. Each timing is the median of `repeats` runs, the systems
 interleaved within each repeat so that drift of a shared machine hits all alike.
 
-Memory: `weights` is the bytes of each system's parameters and buffers (shared tensors counted for every system that
-uses them, as if it were alone); `call peak` is the growth of the process's resident set (Linux VmHWM, reset through
+Memory: `weights` is the bytes of each system's parameters and buffers, plus GliderT5's normalised gates kept between
+calls (shared tensors counted for every system that uses them, as if it were alone); `call peak` is the growth of the process's resident set (Linux VmHWM, reset through
 /proc/self/clear_refs after `malloc_trim`) during one run of the workload; `peak = weights + call peak`.
 """
 
@@ -258,7 +258,9 @@ def call_peak_mib(fn) -> float | None:
 
 
 def tensor_mib(model) -> float:
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    """Parameters, buffers and GliderLinear's reused normalised gates (kept between calls, so counted as weights)."""
+    cached = [m._normalised_gates[2] for m in model.modules() if getattr(m, "_normalised_gates", None) is not None]
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers(), *cached]}
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
@@ -297,13 +299,14 @@ def bench_library(base, setup: Setup, num_experts: int, systems=SYSTEMS, workloa
         models["peft"] = build_peft(base, glider, setup)
     models = {s: models[s] for s in systems}
     inputs = make_inputs(setup, glider)
+    in_use = {w: experts_in_use(glider, w, inputs, setup) for w in workloads}  # also builds GliderT5's gate cache
     result = {
         "experts": num_experts,
         "lora_and_gates_mib": lora_and_gate_mib(glider),
         "weights_mib": {s: tensor_mib(m) for s, m in models.items()},
         "seconds": {},
         "call_peak_mib": {},
-        "experts_in_use": {w: experts_in_use(glider, w, inputs, setup) for w in workloads},
+        "experts_in_use": in_use,
     }
     for workload in workloads:
         for system, model in models.items():  # warm-up, and one run each for memory
@@ -381,7 +384,8 @@ def markdown(report: dict) -> str:
         lines += [f"| {k} | {v:.2f} |" for k, v in summary["growth"].items()]
     lines += [
         "",
-        "Memory: parameter and buffer bytes of each system (shared tensors counted for each system) + the growth of "
+        "Memory: parameter and buffer bytes of each system, plus GliderT5's normalised gates kept between calls "
+        "(shared tensors counted for each system) + the growth of "
         "the process's resident set during one run (VmHWM after clear_refs).",
         "",
         "| E | LoRA+gates (MiB) | workload | " + " | ".join(f"{s} weights+call peak (MiB)" for s in systems)

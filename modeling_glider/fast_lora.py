@@ -7,8 +7,9 @@ k:
 
 - `fast_routing_weights`: top-k of the logits, then a softmax over those k only (the renormalised top-k of a softmax
   is the softmax of the top-k logits); top-p still sees the full distribution through one logsumexp.
-- `gathered_mixture_of_lora`: gathers each token's k experts' A and B and applies them with two batched matmuls: no
-  Python loop, no sort, k LoRA products per token. For few tokens, as in every decoding step.
+- `gathered_mixture_of_lora`: gathers each token's k experts' A and B and applies them with batched matmuls: no Python
+  loop, k LoRA products per token. Where rows share experts (the beams of one query) it reads each expert in use once
+  instead. For few tokens, as in every decoding step.
 - `grouped_mixture_of_lora`: sorts the (token, expert) pairs by expert and runs one matmul pair per expert in use, so
   each expert's weights are read once however many tokens chose it. For many tokens (the encoder on long inputs),
   where a loop over the experts in use costs little next to the matmuls.
@@ -78,7 +79,7 @@ def grouped_mixture_of_lora(
     lora_B: torch.Tensor,
 ) -> torch.Tensor:
     """`y` plus, per token, the sum over its k experts of w s B A x: one matmul pair per expert in use, on the tokens
-    that chose it; each expert's products are added into `y` in place, in cache-sized pieces."""
+    that chose it, added into `y` in place one expert at a time (no `[tokens k, d_out]` intermediate)."""
     d_in, k = x.shape[-1], indices.shape[-1]
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
