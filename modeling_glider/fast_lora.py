@@ -51,11 +51,13 @@ def gathered_mixture_of_lora(
     flat = indices.reshape(-1)
     tokens = flat.numel() // k
     lora_A, lora_B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.reshape(tokens, d_in)
-    if x.device.type == "cpu":  # on accelerators `unique` would synchronise with the host at every linear
+    # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth reading
+    # once; the product over the experts in use costs used/k times the per-token one, hence the cap. Finding them out
+    # takes a sort: skipped for few rows, which rarely share enough, and on accelerators, where `unique` would
+    # synchronise with the host at every linear.
+    if tokens >= 8 and x.device.type == "cpu":
         experts, slot = flat.unique(return_inverse=True)
         used = experts.numel()
-        # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth
-        # reading once; the product over the experts in use costs used/k times the per-token one, hence the cap.
         if 2 * used <= flat.numel() and used <= 5 * k:
             mix = x.new_zeros(tokens, used).scatter_add_(1, slot.view(tokens, k), scaled_weights.view(tokens, k))
             hidden = (x @ lora_A.index_select(0, experts).view(used * r, d_in).T).view(tokens, used, r)
