@@ -3,8 +3,9 @@ reference path and the naive per-token loop of test_routing_math, in fp32, bf16 
 accelerate device map.
 
 Tolerances: fp32 paths differ only in summation order: 1e-5 (absolute and relative) on one linear's outputs of size
-~1, 1e-4 on the logits of a whole model, 1e-4 of the largest gradient on gradients summed over many tokens; bf16/fp16 models are compared with
-the same model in fp32: largest logit error below 5e-2 (bf16) or 1e-2 (fp16) of the largest logit.
+~1, 1e-4 on the logits of a whole model, 1e-4 of the largest gradient on gradients summed over many tokens. bf16 and
+fp16 models are compared with the same model in fp32: largest logit error below 5e-2 (bf16) or 1e-2 (fp16) of the
+largest logit.
 """
 
 import subprocess
@@ -21,6 +22,8 @@ from tests.conftest import EMBED_DIM, make_base, make_expert
 from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: F401 (a fixture)
 
 D_IN, D_OUT = 32, 48
+PATH = "encoder.block.0.layer.0.SelfAttention.q"
+FAST = ("gather", "grouped")
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-PATH = "encoder.block.0.layer.0.SelfAttention.q"
-FAST = ("gather", "grouped")
 
 
 def linear_config(top_k: int, top_p=None, **overrides) -> GliderConfig:
