@@ -23,6 +23,7 @@ CUSTOM_PIPELINES = {
 }
 LOCAL_ROUTERS = ("phatgoose", "arrow")
 GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
+LORA_IMPLEMENTATIONS = ("auto", "dense", "gather", "grouped")
 EXPERT_KEYS = (
     "name",
     "instruction",
@@ -79,6 +80,13 @@ class GliderConfig(T5Config):
         Name of the sentence-embedding model the expert instructions were embedded with.
     base_model_name_or_path (`str`, *optional*):
         The T5 the experts were fine-tuned from.
+    lora_implementation (`str`, defaults to `"auto"`):
+        How a routed linear computes `sum_e w_e s_e B_e A_e x`; every choice gives the same result up to rounding.
+        `"dense"`: over all experts, unselected ones with weight 0 (the readable reference; cost grows with E).
+        `"gather"`: gathers each token's k experts (each expert once where rows share them, as beams do) and uses
+        batched matmuls: no loop, for few tokens.
+        `"grouped"`: groups tokens by expert, one matmul pair per expert in use (for many tokens).
+        `"auto"`: `"gather"` for calls on up to 64 tokens (every decoding step), `"grouped"` above.
     """
 
     model_type = "glider_t5"
@@ -95,6 +103,7 @@ class GliderConfig(T5Config):
     instruction_embedding_dim: int | None = None
     instruction_embedding_model: str | None = None
     base_model_name_or_path: str | None = None
+    lora_implementation: str = "auto"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("custom_pipelines", None)  # a constant of this class, see `custom_pipelines`
@@ -125,6 +134,10 @@ class GliderConfig(T5Config):
             )
         if self.local_router not in LOCAL_ROUTERS:
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
+        if self.lora_implementation not in LORA_IMPLEMENTATIONS:
+            raise ValueError(
+                f"lora_implementation must be one of {LORA_IMPLEMENTATIONS}, got {self.lora_implementation!r}."
+            )
         if not self.arrow_temperature > 0:
             raise ValueError(f"arrow_temperature must be > 0, got {self.arrow_temperature!r}.")
         if self.instruction_embedding_dim is not None and self.instruction_embedding_dim < 1:

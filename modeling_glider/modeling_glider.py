@@ -515,7 +515,15 @@ def code_files() -> list[Path]:
     """The files a flat folder needs to run this model without the package: `auto_map` and `custom_pipelines` in
     the config point into them."""
     here = Path(__file__).parent
-    names = ("modeling_glider.py", "routing.py", "experts.py", "pipeline_glider.py", "embedding.py", "instructions.py")
+    names = (
+        "modeling_glider.py",
+        "routing.py",
+        "fast_lora.py",
+        "experts.py",
+        "pipeline_glider.py",
+        "embedding.py",
+        "instructions.py",
+    )
     return [Path(inspect.getfile(GliderConfig))] + [here / name for name in names]
 
 

@@ -17,6 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_lora import (
+    AUTO_GATHER_MAX_TOKENS,
+    fast_routing_weights,
+    gathered_mixture_of_lora,
+    grouped_mixture_of_lora,
+)
+
 ROUTER_LAYER_NORM_EPS = 1e-5
 
 
@@ -26,6 +33,11 @@ def phatgoose_logits(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     x = F.layer_norm(x.float(), (d_in,), eps=ROUTER_LAYER_NORM_EPS)
     gates = F.layer_norm(gates.float(), (d_in,), eps=ROUTER_LAYER_NORM_EPS)
     return x @ gates.T / math.sqrt(d_in)
+
+
+def phatgoose_gates(gates: torch.Tensor) -> torch.Tensor:
+    """LN(v_e) / sqrt(d_in) in fp32: the input-independent half of `phatgoose_logits`."""
+    return F.layer_norm(gates.float(), gates.shape[-1:], eps=ROUTER_LAYER_NORM_EPS) / math.sqrt(gates.shape[-1])
 
 
 def arrow_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -127,6 +139,10 @@ class GliderLinear(nn.Linear):
         self.register_buffer(
             "expert_index", torch.tensor(self.expert_ids, dtype=torch.long, device=device), persistent=False
         )
+        # Config-derived shortcuts of the fast path: one scaling for all experts; the global logits need no selection.
+        self.uniform_scaling = self.expert_scalings[0] if len(set(self.expert_scalings)) == 1 else None
+        self.routes_all_experts = self.expert_ids == list(range(len(self.config.experts)))
+        self._normalised_gates = None  # see `normalised_gates`
 
     def expert_tensors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Expert id -> this linear's unpadded `(A [r, d_in], B [d_out, r], gate [d_in])` of that expert."""
@@ -148,10 +164,26 @@ class GliderLinear(nn.Linear):
         y = super().forward(x)
         if not self.num_experts:
             return y
-        weights, indices = self.route(x, global_routing_logits)
+        implementation = self.lora_implementation(x.shape[:-1].numel())
+        if implementation == "dense":
+            weights, indices = self.route(x, global_routing_logits)
+        else:
+            weights, indices = self.fast_route(x, global_routing_logits)
         if routing_record is not None:
             routing_record.add(self.module_path, weights, self.expert_index[indices])
-        return y + self.mixture_of_lora(x, weights, indices)
+        if implementation == "dense":
+            return y + self.mixture_of_lora(x, weights, indices)
+        scaling = self.uniform_scaling if self.uniform_scaling is not None else self.lora_scaling[indices]
+        mixture = gathered_mixture_of_lora if implementation == "gather" else grouped_mixture_of_lora
+        return mixture(y, x, (weights * scaling).to(x.dtype), indices, self.lora_A, self.lora_B)
+
+    def lora_implementation(self, num_tokens: int) -> str:
+        """What computes a call on `num_tokens` tokens: `config.lora_implementation`, "auto" resolved to "gather" up
+        to `AUTO_GATHER_MAX_TOKENS` tokens and to "grouped" above (see `fast_lora.py`)."""
+        implementation = self.config.lora_implementation
+        if implementation == "auto":
+            return "gather" if num_tokens <= AUTO_GATHER_MAX_TOKENS else "grouped"
+        return implementation
 
     def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and local expert indices per token, `[batch, tokens, k]`, for input `x` `[batch, tokens, d_in]`."""
@@ -163,6 +195,39 @@ class GliderLinear(nn.Linear):
         if global_routing_logits is not None:  # [batch, all experts] -> [batch, 1, experts of this linear]
             global_logits = global_routing_logits.to(x.device).index_select(-1, self.expert_index)[:, None, :]
         return glider_routing_weights(local_logits, global_logits, self.config.router_top_k, self.config.router_top_p)
+
+    def fast_route(
+        self, x: torch.Tensor, global_routing_logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`route` with the normalised gates reused across calls and the softmax taken over the top-k only."""
+        if self.config.local_router == "arrow":
+            logits = arrow_logits(x, self.router_gate, self.config.arrow_temperature)
+        else:
+            logits = F.linear(F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS), self.normalised_gates())
+        if global_routing_logits is not None:
+            global_logits = global_routing_logits.to(x.device)
+            if not self.routes_all_experts:
+                global_logits = global_logits.index_select(-1, self.expert_index)
+            logits = logits + global_logits[:, None, :]
+        return fast_routing_weights(logits, self.config.router_top_k, self.config.router_top_p)
+
+    def normalised_gates(self) -> torch.Tensor:
+        """`LN(v_e) / sqrt(d_in)` in fp32, the Phatgoose gates as the local router applies them.
+
+        Computing them is O(E d_in) per call, as much as the routing itself, so they are reused while `router_gate`
+        is the same tensor at the same version (any in-place change, `load_state_dict` or `.to()` recomputes them).
+        Gates being trained are normalised on every call, so that gradients flow.
+        """
+        gate = self.router_gate
+        if (torch.is_grad_enabled() and gate.requires_grad) or gate.is_inference():  # inference tensors: no version
+            return phatgoose_gates(gate)
+        key = (gate._version, gate.data_ptr(), gate.device)
+        cached = self._normalised_gates
+        if cached is None or cached[0] is not gate or cached[1] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable outside inference mode
+                cached = (gate, key, phatgoose_gates(gate))
+            self._normalised_gates = cached
+        return cached[2]
 
     def mixture_of_lora(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_e B_e A_e x. Reference path: every expert is computed, unselected ones with w_e = 0."""

@@ -1,0 +1,99 @@
+"""Routed LoRA at a cost that follows the k selected experts per token, not the library size E.
+
+`GliderLinear.route` + `GliderLinear.mixture_of_lora` are the formula as written: softmax over all experts, top-k,
+renormalise, then `sum_e w_e s_e B_e A_e x` over every expert, most with `w_e = 0`. They stay the readable reference
+(`lora_implementation="dense"`). The functions here give the same result (up to rounding) with work proportional to
+k:
+
+- `fast_routing_weights`: top-k of the logits, then a softmax over those k only (the renormalised top-k of a softmax
+  is the softmax of the top-k logits); top-p still sees the full distribution through one logsumexp.
+- `gathered_mixture_of_lora`: gathers each token's k experts' A and B and applies them with batched matmuls: no Python
+  loop, k LoRA products per token. Where rows share experts (the beams of one query) it reads each expert in use once
+  instead. For few tokens, as in every decoding step.
+- `grouped_mixture_of_lora`: sorts the (token, expert) pairs by expert and runs one matmul pair per expert in use, so
+  each expert's weights are read once however many tokens chose it. For many tokens (the encoder on long inputs),
+  where a loop over the experts in use costs little next to the matmuls.
+
+The mixtures take `scaled_weights` (routing weight times the expert's LoRA scaling, in the input's dtype) and
+`indices` `[..., k]` into this linear's stacked, zero-padded `lora_A [E, r, d_in]` and `lora_B [E, d_out, r]`.
+"""
+
+import torch
+
+# "auto" gathers when a call routes at most this many tokens (every decoding step of `generate`, short inputs) and
+# groups by expert above it: gathering copies k LoRA pairs per token, grouping pays a sort and a loop over experts.
+AUTO_GATHER_MAX_TOKENS = 64
+
+
+def fast_routing_weights(
+    logits: torch.Tensor, top_k: int, top_p: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`glider_routing_weights` of fp32 `logits` `[..., E]`, computing the softmax over the kept experts only."""
+    top_logits, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    if top_p is None:
+        return top_logits.softmax(dim=-1), indices
+    probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    weights = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # the best expert is always kept
+    return weights / weights.sum(dim=-1, keepdim=True), indices
+
+
+def gathered_mixture_of_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    scaled_weights: torch.Tensor,
+    indices: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+) -> torch.Tensor:
+    """`y` plus, per token, the sum over its k experts of w s B A x, without a loop: gathers and batched matmuls."""
+    *lead, d_in = x.shape
+    k, r, d_out = indices.shape[-1], lora_A.shape[1], lora_B.shape[1]
+    flat = indices.reshape(-1)
+    tokens = flat.numel() // k
+    lora_A, lora_B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.reshape(tokens, d_in)
+    # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth reading
+    # once; the product over the experts in use costs used/k times the per-token one, hence the cap. Finding them out
+    # takes a sort: skipped for few rows, which rarely share enough, and on accelerators, where `unique` would
+    # synchronise with the host at every linear.
+    if tokens >= 8 and x.device.type == "cpu":
+        experts, slot = flat.unique(return_inverse=True)
+        used = experts.numel()
+        if 2 * used <= flat.numel() and used <= 5 * k:
+            mix = x.new_zeros(tokens, used).scatter_add_(1, slot.view(tokens, k), scaled_weights.view(tokens, k))
+            hidden = (x @ lora_A.index_select(0, experts).view(used * r, d_in).T).view(tokens, used, r)
+            hidden = (hidden * mix[:, :, None]).transpose(0, 1)  # [used, tokens, r]
+            out = torch.bmm(hidden, lora_B.index_select(0, experts).transpose(1, 2)).sum(dim=0)
+            return y + out.view(*lead, d_out)
+    A = lora_A.index_select(0, flat).view(tokens, k * r, d_in)
+    # [tokens, 1, d_in] @ [tokens, d_in, k r]: with the vector on the left the batched matmul stays on its fast path
+    hidden = torch.bmm(x[:, None, :], A.transpose(1, 2)).view(tokens * k, 1, r)
+    hidden = hidden * scaled_weights.reshape(tokens * k, 1, 1)
+    B = lora_B.index_select(0, flat)
+    return y + torch.bmm(hidden, B.transpose(1, 2)).view(*lead, k, d_out).sum(dim=-2)
+
+
+def grouped_mixture_of_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    scaled_weights: torch.Tensor,
+    indices: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+) -> torch.Tensor:
+    """`y` plus, per token, the sum over its k experts of w s B A x: one matmul pair per expert in use, on the tokens
+    that chose it, added into `y` in place one expert at a time (no `[tokens k, d_out]` intermediate)."""
+    d_in, k = x.shape[-1], indices.shape[-1]
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
+    tokens = order // k
+    weights = scaled_weights.reshape(-1).index_select(0, order)[:, None]
+    x, out = x.reshape(-1, d_in), y.view(-1, y.shape[-1])
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    end = 0
+    for expert, count in enumerate(torch.bincount(flat, minlength=lora_A.shape[0]).tolist()):
+        if count:
+            rows = slice(end, end + count)
+            hidden = (x.index_select(0, tokens[rows]) @ lora_A[expert].T) * weights[rows]
+            out.index_add_(0, tokens[rows], hidden @ lora_B[expert].T)
+            end += count
+    return y

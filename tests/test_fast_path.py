@@ -1,0 +1,338 @@
+"""The fast routed-LoRA paths ("gather", "grouped", and "auto" choosing between them) against the readable dense
+reference path and the naive per-token loop of test_routing_math, in fp32, bf16 and fp16; plus loading with an
+accelerate device map.
+
+Tolerances: fp32 paths differ only in summation order: 1e-5 (absolute and relative) on one linear's outputs of size
+~1, 1e-4 on the logits of a whole model, 1e-4 of the largest gradient on gradients summed over many tokens. bf16 and
+fp16 models are compared with the same model in fp32: largest logit error below 5e-2 (bf16) or 1e-2 (fp16) of the
+largest logit.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from configuration_glider import GliderConfig
+from modeling_glider import GliderT5ForConditionalGeneration
+from modeling_glider.fast_lora import AUTO_GATHER_MAX_TOKENS, gathered_mixture_of_lora
+from modeling_glider.routing import GliderLinear
+from tests.conftest import EMBED_DIM, make_base, make_expert
+from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: F401 (a fixture)
+
+D_IN, D_OUT = 32, 48
+PATH = "encoder.block.0.layer.0.SelfAttention.q"
+FAST = ("gather", "grouped")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny ops: on a shared 2-core machine a second thread mostly waits for the other's core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def linear_config(top_k: int, top_p=None, **overrides) -> GliderConfig:
+    """Four experts with different ranks, alphas and rslora at PATH (ranks padded to 5); a fifth adapts only `k`."""
+    experts = [
+        {"name": "a", "target_modules": ["q", "k"], "r": 2, "lora_alpha": 4},
+        {"name": "b", "target_modules": ["q"], "r": 5, "lora_alpha": 8, "use_rslora": True},
+        {"name": "c", "target_modules": ["q"], "r": 3, "lora_alpha": 3},
+        {"name": "d", "target_modules": ["q", "v"], "r": 4, "lora_alpha": 16, "rank_pattern": {"q": 1}},
+        {"name": "only_k", "target_modules": ["k"], "r": 2, "lora_alpha": 2},
+    ]
+    return GliderConfig(experts=experts, router_top_k=top_k, router_top_p=top_p, **overrides)
+
+
+def random_linear(config: GliderConfig, path: str = PATH, seed: int = 0, dtype=torch.float32) -> GliderLinear:
+    linear = GliderLinear(config, path, D_IN, D_OUT)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in linear.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+        for e, rank in enumerate(linear.expert_ranks):  # the padding rows stay zero, as in a built model
+            linear.lora_A[e, rank:] = 0
+            linear.lora_B[e, :, rank:] = 0
+    return linear.to(dtype)
+
+
+def run(linear: GliderLinear, implementation: str, *args, **kwargs) -> torch.Tensor:
+    linear.config.lora_implementation = implementation
+    try:
+        return linear(*args, **kwargs)
+    finally:
+        linear.config.lora_implementation = "auto"
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, None), (2, None), (3, None), (4, 0.5), (2, 0.9)])
+@pytest.mark.parametrize("use_global", [False, True])
+@pytest.mark.parametrize("tokens", [3, 150])
+def test_fast_linear_equals_dense_reference(top_k, top_p, use_global, tokens):
+    linear = random_linear(linear_config(top_k, top_p))
+    x = torch.randn(2, tokens, D_IN, generator=torch.Generator().manual_seed(1))
+    global_logits = 3 * torch.randn(2, 5, generator=torch.Generator().manual_seed(2)) if use_global else None
+    with torch.no_grad():
+        expected = run(linear, "dense", x, global_logits)
+        weights, indices = linear.route(x, global_logits)
+        fast_weights, fast_indices = linear.fast_route(x, global_logits)
+        assert torch.equal(fast_indices, indices)
+        torch.testing.assert_close(fast_weights, weights, atol=1e-6, rtol=1e-6)
+        for implementation in FAST + ("auto",):
+            torch.testing.assert_close(run(linear, implementation, x, global_logits), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, torch.nn.functional.linear(x, linear.weight), atol=1e-2)  # LoRA matters
+
+
+@pytest.mark.parametrize("rows_share_experts", [False, True])
+def test_gather_reads_shared_experts_once_with_the_same_result(rows_share_experts):
+    """The gather path reads each expert once when rows share experts (beams of one query) and gathers per token
+    otherwise; both equal the dense reference."""
+    linear = random_linear(linear_config(top_k=2))
+    if rows_share_experts:  # 8 rows, 2 experts in use: 2 * 2 <= 16 pairs
+        indices = torch.tensor([[0, 1], [1, 0]]).repeat(4, 1)[:, None, :]
+    else:  # 2 rows, 4 experts in use
+        indices = torch.tensor([[0, 1], [2, 3]])[:, None, :]
+    x = torch.randn(indices.shape[0], 1, D_IN)
+    weights = torch.rand(indices.shape).softmax(dim=-1)
+    with torch.no_grad():
+        expected = linear.mixture_of_lora(x, weights, indices)
+        scaled = weights * linear.lora_scaling[indices]
+        got = gathered_mixture_of_lora(torch.zeros_like(expected), x, scaled, indices, linear.lora_A, linear.lora_B)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_with_fewer_experts_than_top_k_and_partial_library():
+    config = linear_config(top_k=3)
+    k_linear = random_linear(config, "encoder.block.0.layer.0.SelfAttention.k")  # experts a and only_k: 2 < 3
+    v_linear = random_linear(config, "encoder.block.0.layer.0.SelfAttention.v")  # expert d only
+    assert k_linear.expert_ids == [0, 4] and not k_linear.routes_all_experts and v_linear.expert_ids == [3]
+    x = torch.randn(3, 70, D_IN)
+    global_logits = torch.randn(3, 5) * 4
+    with torch.no_grad():
+        for linear in (k_linear, v_linear):
+            expected = run(linear, "dense", x, global_logits)
+            for implementation in FAST:
+                torch.testing.assert_close(run(linear, implementation, x, global_logits), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_fast_paths_have_the_reference_gradients(implementation):
+    """Training through the fast paths (e.g. the gates) gives the dense path's gradients."""
+    linear = random_linear(linear_config(top_k=2))
+    x = torch.randn(2, 80, D_IN, requires_grad=True)
+    global_logits = torch.randn(2, 5)
+    grads = {}
+    for name in ("dense", implementation):
+        linear.zero_grad()
+        x.grad = None
+        run(linear, name, x, global_logits).square().sum().backward()
+        grads[name] = [t.grad.clone() for t in (x, linear.lora_A, linear.lora_B, linear.router_gate)]
+    for got, expected in zip(grads[implementation], grads["dense"]):
+        scale = expected.abs().max()
+        assert scale > 0 and (got - expected).abs().max() < 1e-4 * scale  # sums over 160 tokens in fp32
+
+
+def test_changed_gates_are_used_at_once():
+    """The fast path reuses the normalised gates; any change of the gates must reach the next call."""
+    linear = random_linear(linear_config(top_k=2)).requires_grad_(False)
+    x = torch.randn(1, 5, D_IN)
+    with torch.no_grad():
+        before = run(linear, "gather", x)
+        linear.router_gate.mul_(-1)  # in place: reverses every expert's preference
+        torch.testing.assert_close(run(linear, "gather", x), run(linear, "dense", x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(run(linear, "gather", x), before, atol=1e-2)
+        linear.load_state_dict({**linear.state_dict(), "router_gate": torch.randn(4, D_IN)})
+        torch.testing.assert_close(run(linear, "gather", x), run(linear, "dense", x), atol=1e-5, rtol=1e-5)
+        with torch.inference_mode():
+            torch.testing.assert_close(run(linear, "gather", x), run(linear, "dense", x), atol=1e-5, rtol=1e-5)
+        linear.double()
+        torch.testing.assert_close(
+            run(linear, "gather", x.double()), run(linear, "dense", x.double()), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_config_names_the_implementation():
+    assert GliderConfig().lora_implementation == "auto"
+    with pytest.raises(ValueError, match="lora_implementation.*'fastest'"):
+        GliderConfig(lora_implementation="fastest")
+    linear = random_linear(linear_config(top_k=2))
+    assert linear.lora_implementation(AUTO_GATHER_MAX_TOKENS) == "gather"
+    assert linear.lora_implementation(AUTO_GATHER_MAX_TOKENS + 1) == "grouped"
+    linear.config.lora_implementation = "dense"
+    assert linear.lora_implementation(1) == "dense"
+
+
+@pytest.fixture
+def glider_library(tmp_path):
+    base = make_base(seed=3)
+    embeddings = torch.randn(4, EMBED_DIM, generator=torch.Generator().manual_seed(4))
+    dirs = [
+        make_expert(tmp_path, base, "e0", r=4, seed=20, embedding=embeddings[0]),
+        make_expert(tmp_path, base, "e1", r=8, lora_alpha=4, seed=21, embedding=embeddings[1]),
+        make_expert(tmp_path, base, "e2", r=2, targets=("q", "v", "wo"), seed=22, embedding=embeddings[2]),
+        make_expert(tmp_path, base, "e3", r=4, layers=[1], seed=23, embedding=embeddings[3]),
+    ]
+    return base, dirs
+
+
+def test_implementation_chosen_at_load_reaches_every_linear(glider_library, tmp_path):
+    base, dirs = glider_library
+    GliderT5ForConditionalGeneration.from_experts(base, dirs, lora_implementation="grouped").save_pretrained(tmp_path)
+    assert GliderT5ForConditionalGeneration.from_pretrained(tmp_path).config.lora_implementation == "grouped"
+    model = GliderT5ForConditionalGeneration.from_pretrained(tmp_path, lora_implementation="dense")
+    linears = [m for m in model.modules() if isinstance(m, GliderLinear)]
+    assert linears and {m.lora_implementation(1) for m in linears} == {"dense"}
+
+
+def with_implementation(model: GliderT5ForConditionalGeneration, implementation: str):
+    model.config.lora_implementation = implementation  # every linear shares the model's config
+    for module in model.modules():
+        if isinstance(module, GliderLinear):
+            module.config.lora_implementation = implementation
+    return model
+
+
+@pytest.mark.parametrize("top_p", [None, 0.7])
+def test_model_fast_paths_equal_dense(glider_library, top_p):
+    base, dirs = glider_library
+    glider = GliderT5ForConditionalGeneration.from_experts(
+        base, dirs, top_k=2, global_routing_scale=3.0, router_top_p=top_p
+    )
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, 64, (2, AUTO_GATHER_MAX_TOKENS + 20), generator=generator)  # the encoder groups
+    dec = torch.randint(2, 64, (2, 4), generator=generator)  # the decoder gathers
+    u = torch.randn(2, EMBED_DIM, generator=generator)
+    with torch.no_grad():
+        expected = with_implementation(glider, "dense")(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u)
+        for implementation in ("auto", *FAST):
+            got = with_implementation(glider, implementation)(
+                input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u
+            )
+            torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_fast_equals_dense(glider_library, num_beams):
+    base, dirs = glider_library
+    glider = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2, global_routing_scale=3.0)
+    ids = torch.randint(2, 64, (3, 70), generator=torch.Generator().manual_seed(6))
+    u = torch.randn(3, EMBED_DIM, generator=torch.Generator().manual_seed(7))
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": num_beams, "do_sample": False}
+    outputs = {
+        implementation: with_implementation(glider, implementation).generate(
+            input_ids=ids, instruction_embeddings=u, **kwargs
+        )
+        for implementation in ("dense", "auto")
+    }
+    assert torch.equal(outputs["auto"], outputs["dense"])
+
+
+def test_grouped_path_equals_naive_per_token_loop(heterogeneous_library):  # noqa: F811 (fixture)
+    """Long inputs (grouped encoder), top-k 3 with the global term, heterogeneous ranks: the float64 naive loop."""
+    base, dirs = heterogeneous_library
+    alpha = 2.0
+    glider = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=3, global_routing_scale=alpha)
+    naive, query = naive_model(base, dirs, alpha, 3, None)
+    ids = torch.randint(2, 64, (1, AUTO_GATHER_MAX_TOKENS + 6), generator=torch.Generator().manual_seed(8))
+    dec = torch.randint(2, 64, (1, 3), generator=torch.Generator().manual_seed(9))
+    u = torch.randn(1, EMBED_DIM, generator=torch.Generator().manual_seed(10))
+    query["u"] = u.double()
+    assert glider.get_submodule("encoder.block.0.layer.0.SelfAttention.q").lora_implementation(ids.numel()) == "grouped"
+    with torch.no_grad():
+        expected = naive(input_ids=ids, decoder_input_ids=dec).logits
+        got = glider(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)  # fp32 routing in a float64 model
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)])
+def test_half_precision_models_match_fp32(tmp_path, dtype, tolerance):
+    """bf16/fp16 GliderT5s run every path, route in fp32, and stay close to the fp32 model.
+
+    Routing is discrete: a token whose two best experts nearly tie may switch experts under any rounding. The queries
+    here sit between experts e0 and e1 and far from e2, so every token uses e0 and e1 in every dtype, with weights set
+    by the local routers.
+    """
+    base32 = make_base(seed=11)
+    embeddings = torch.eye(3, EMBED_DIM)
+    dirs = [make_expert(tmp_path, base32, f"e{i}", seed=30 + i, embedding=embeddings[i]) for i in range(3)]
+    glider32 = GliderT5ForConditionalGeneration.from_experts(base32, dirs, top_k=2, global_routing_scale=50.0)
+    glider16 = GliderT5ForConditionalGeneration.from_experts(base32.to(dtype), dirs, top_k=2, global_routing_scale=50.0)
+    with torch.no_grad():  # experts of a realistic size: with make_expert's, this toy T5's attention is ill-conditioned
+        for module in [*glider32.modules(), *glider16.modules()]:
+            if isinstance(module, GliderLinear) and module.num_experts:
+                module.lora_B.mul_(0.1)
+    assert glider16.get_submodule("encoder.block.0.layer.0.SelfAttention.q").lora_A.dtype == dtype
+    ids = torch.randint(2, 64, (2, AUTO_GATHER_MAX_TOKENS + 8), generator=torch.Generator().manual_seed(12))
+    dec = torch.randint(2, 64, (2, 4), generator=torch.Generator().manual_seed(13))
+    u = embeddings[0] + embeddings[1] + torch.tensor([[0.0], [0.1]])
+    with torch.no_grad():
+        reference = glider32(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits
+        scale = reference.abs().max()
+        assert (reference - base32.float()(input_ids=ids, decoder_input_ids=dec).logits).abs().max() > 0.1 * scale
+        for implementation in ("auto", "gather", "grouped", "dense"):
+            out = with_implementation(glider16, implementation)(
+                input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u, output_routing=True
+            )
+            assert out.logits.dtype == dtype and torch.isfinite(out.logits).all()
+            assert (out.logits.float() - reference).abs().max() / scale < tolerance, implementation
+            for calls in out.routing.calls.values():
+                weights, experts = calls[0]
+                assert weights.dtype == torch.float32  # routing stays fp32
+                assert set(experts.unique().tolist()) <= {0, 1} and weights.min(dim=-1).values.mean() > 0.1
+
+
+def test_device_map_keeps_blocks_whole_and_outputs_equal(glider_library, tmp_path):
+    base, dirs = glider_library
+    GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2).save_pretrained(tmp_path / "saved")
+    plain = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    size = sum(p.numel() * p.element_size() for p in plain.parameters())
+    offloaded = GliderT5ForConditionalGeneration.from_pretrained(  # about half on "cpu", the rest offloaded to disk
+        tmp_path / "saved", device_map="auto", max_memory={"cpu": size // 2}, offload_folder=str(tmp_path / "offload")
+    )
+    manual = GliderT5ForConditionalGeneration.from_pretrained(
+        tmp_path / "saved",
+        device_map={"shared": "cpu", "encoder": "cpu", "decoder.block.0": "cpu", "decoder": "cpu", "lm_head": "cpu"}
+        | {"global_router": "cpu"},
+    )
+    device_map = offloaded.hf_device_map
+    assert {"cpu", "disk"} <= set(device_map.values())
+    assert not [name for name in device_map if ".block." in name and name.split(".block.")[1].count(".")]
+    ids = torch.randint(2, 64, (2, AUTO_GATHER_MAX_TOKENS + 4), generator=torch.Generator().manual_seed(15))
+    u = torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        expected = plain(input_ids=ids, decoder_input_ids=ids[:, :5], instruction_embeddings=u).logits
+        for model in (offloaded, manual):
+            got = model(input_ids=ids, decoder_input_ids=ids[:, :5], instruction_embeddings=u).logits
+            assert torch.equal(got, expected)
+        generate = {"max_new_tokens": 4, "num_beams": 2, "instruction_embeddings": u}
+        assert torch.equal(offloaded.generate(input_ids=ids, **generate), plain.generate(input_ids=ids, **generate))
+
+
+def test_saved_folder_runs_every_implementation_without_the_package(glider_library, tmp_path):
+    base, dirs = glider_library
+    glider = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2)
+    glider.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "fast_lora.py").is_file()
+    script = f"""
+import sys, torch
+assert not any(p.endswith("issue7") or "glider" in p for p in sys.path[1:]), sys.path
+from transformers import AutoModelForSeq2SeqLM
+model = AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True)
+ids = torch.randint(2, 64, (1, 80), generator=torch.Generator().manual_seed(0))
+out = {{}}
+for implementation in ("dense", "auto"):
+    model.config.lora_implementation = implementation
+    for module in model.modules():
+        if hasattr(module, "lora_implementation"):
+            module.config.lora_implementation = implementation
+    with torch.no_grad():
+        out[implementation] = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
+assert type(model).__module__ != "modeling_glider.modeling_glider", type(model).__module__  # the saved copy
+difference = (out["auto"] - out["dense"]).abs().max()
+assert difference < 1e-4, difference
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
