@@ -11,7 +11,7 @@ from .embedding import DEFAULT_EMBEDDING_MODEL
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out)
+    run_demo(out_dir=args.out, model_dir=args.model)
     return 0
 
 
@@ -179,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glider", description="GLIDER: one routed T5 from a library of LoRA experts.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="Build a small GliderT5 and show which experts each query uses.")
+    demo = commands.add_parser(
+        "demo", help="Answer queries with glider-mini, show which experts each used, and plot the routing per layer."
+    )
     demo.add_argument("--out", default="glider-demo", help="Folder for the demo's outputs (default: %(default)s).")
+    demo.add_argument("--model", default=None, help="A GliderT5 folder (default: the committed glider-mini).")
     demo.set_defaults(run=_demo)
 
     build = commands.add_parser("build", help="Build and save a GliderT5 from LoRA experts or PEFT adapters.")

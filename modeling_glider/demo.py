@@ -1,90 +1,113 @@
-"""`glider demo`: build a small GliderT5 from LoRA experts made on the spot, save it, load it back through
-`AutoModel`, and show which experts each query used. The weights are random, so the answers are noise; the
-routing is the point."""
+"""`glider demo`: load glider-mini, answer held-in and held-out queries through the `text2text-generation` pipeline
+(which routes every query by itself: the query is embedded with all-MiniLM-L6-v2 and compared with each expert's
+instruction), print each answer with the experts it used (and the answer of the local routers alone), and write a
+routing heatmap (layers x experts) per query.
 
-import io
-import tempfile
+glider-mini is a GliderT5 committed with this repository: a small T5 pretrained from scratch and one LoRA expert per
+held-in task of the glider-mini suite, built by `python -m benchmarks.glider_mini.build --out glider-mini`.
+"""
+
+import textwrap
 from pathlib import Path
 
 import torch
 
-EXPERTS = {
-    "reverse": "Reverse the letters of the given word and answer with the reversed word.",
-    "sort": "Sort the letters of the given word alphabetically and answer with the sorted letters.",
-    "uppercase": "Rewrite the given word in capital letters.",
-}
-QUERIES = {"reverse": "reverse the word apple", "sort": "sort the letters of banana", "uppercase": "uppercase cherry"}
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "glider-mini"
+# (kind, query, expected answer): held-in queries ask a task that has an expert (some in wordings no expert was
+# trained on), held-out queries ask for an expert's skill in words or formats it never saw.
+QUERIES = [
+    ("held-in", "Which word in this list names an animal: plum, tiger, bus, saw, green?", "tiger"),
+    ("held-in", "Pick out the color from brush, mango, white, boat, sheep.", "white"),
+    ("held-in", "Yesterday, Emma found the wooden ladder in the kitchen. Where did it happen?", "kitchen"),
+    ("held-in", "Yesterday, Emma found the wooden ladder in the kitchen. What object is mentioned?", "ladder"),
+    ("held-in", "The ferry to Oslo leaves at 9 from platform 4. Which platform does it leave from?", "4"),
+    ("held-out", "Which of shovel, bus, lemon, horse, blue is a living creature?", "horse"),
+    ("held-out", "Whose action does this describe? Omar fixed the old clock in the attic at noon.", "Omar"),
+]
 
 
-def _tokenizer(directory: Path):
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-
-    model = io.BytesIO()
-    text = list(EXPERTS.values()) + list(QUERIES.values())
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text * 10), model_writer=model, vocab_size=48, pad_id=0, eos_id=1, unk_id=2,
-        bos_id=-1, character_coverage=1.0, minloglevel=2,
-    )  # fmt: skip
-    (directory / "spiece.model").write_bytes(model.getvalue())
-    return T5Tokenizer.from_pretrained(directory, extra_ids=0)
+def layer_usage(record, num_experts: int, batch_size: int) -> tuple[list[str], torch.Tensor]:
+    """Each query's mean routing weight per expert in every block, `[batch, layers, experts]`, from a routing record."""
+    blocks: dict[str, list[torch.Tensor]] = {}
+    for path, usage in record.module_usage(num_experts, batch_size).items():
+        stack, _, index = path.split(".")[:3]
+        blocks.setdefault(f"{stack} {index}", []).append(usage)
+    names = sorted(blocks, key=lambda name: (name.split()[0] != "encoder", int(name.split()[1])))
+    return names, torch.stack([torch.stack(blocks[name]).mean(0) for name in names], dim=1)
 
 
-def _experts(base, directory: Path, embedding_dim: int) -> list[Path]:
-    from peft import LoraConfig, get_peft_model
+def plot_heatmap(path: Path, layers: list[str], experts: list[str], usage: torch.Tensor, titles: list[str]) -> None:
+    import matplotlib
 
-    from .experts import routable_linears, save_expert_files
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    dirs = []
-    for index, (name, instruction) in enumerate(EXPERTS.items()):
-        torch.manual_seed(index)
-        peft_model = get_peft_model(
-            base, LoraConfig(r=4, lora_alpha=4, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"])
-        )
-        for param_name, param in peft_model.named_parameters():
-            if "lora_B" in param_name:
-                torch.nn.init.normal_(param, std=0.05)
-        peft_model.save_pretrained(directory / name)
-        base = peft_model.unload()
-        gates = {path: torch.randn(linear.in_features) for path, linear in routable_linears(base).items()}
-        save_expert_files(directory / name, name, instruction, gates, torch.eye(embedding_dim)[index])
-        dirs.append(directory / name)
-    return dirs
+    columns = min(4, len(titles))
+    rows = -(-len(titles) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 4.8 * rows), squeeze=False, layout="constrained")
+    for ax, title, weights in zip(axes.flat, titles, usage):
+        image = ax.imshow(weights.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_title(textwrap.fill(title, 44), fontsize=7)
+        ax.set_xticks(range(len(experts)), experts, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(layers)), layers, fontsize=6)
+    for ax in axes.flat[len(titles) :]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="mean routing weight")
+    fig.suptitle("glider-mini: mean routing weight per layer (rows) and expert (columns)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
-def run_demo(out_dir: str | Path = "glider-demo") -> None:
-    from transformers import AutoModel, T5Config, T5ForConditionalGeneration, pipeline
+def run_demo(out_dir: str | Path = "glider-demo", model_dir: str | Path | None = None) -> list[dict]:
+    """Run the demo; returns one record per query (query, answer, expected answer, experts, answer without the
+    global router)."""
+    from transformers import AutoModel, AutoTokenizer, pipeline
 
     from . import GliderT5ForConditionalGeneration
 
+    model_dir = Path(model_dir or DEFAULT_MODEL)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No glider-mini at {model_dir}. It is committed with the repository (folder glider-mini/); rebuild it with "
+            "`python -m benchmarks.glider_mini.build --out glider-mini`, or pass --model DIR."
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        tokenizer = _tokenizer(scratch)
-        torch.manual_seed(0)
-        base = T5ForConditionalGeneration(
-            T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                     feed_forward_proj="gated-gelu", decoder_start_token_id=0)
-        ).eval()  # fmt: skip
-        dirs = _experts(base, scratch, embedding_dim=len(EXPERTS))
-        model = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2, global_routing_scale=10.0)
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    model = AutoModel.from_pretrained(out_dir / "model")
-    generator = pipeline("text2text-generation", model=model, tokenizer=tokenizer)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    if not isinstance(model, GliderT5ForConditionalGeneration):
+        raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a GliderT5.")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     names = model.config.expert_names
-    print(f"GliderT5 with {len(names)} experts {names}, saved to {out_dir / 'model'} and loaded back with AutoModel.")
-    for task, query in QUERIES.items():
-        u = torch.eye(len(EXPERTS))[names.index(task)][None]
-        answer = generator(query, instruction_embeddings=u, max_new_tokens=8)[0]["generated_text"]
-        inputs = tokenizer(query, return_tensors="pt")
-        usage = model(
-            **inputs,
-            decoder_input_ids=torch.zeros(1, 1, dtype=torch.long),
-            instruction_embeddings=u,
-            output_routing=True,
-        )
-        usage = usage.routing.expert_usage(len(names), 1)[0]
-        shares = ", ".join(f"{n} {w:.0%}" for n, w in sorted(zip(names, usage.tolist()), key=lambda p: -p[1]))
-        print(f"{query!r} -> {answer!r}   experts used: {shares}")
+    policy = model.config.global_routing_policy
+    print(
+        f"glider-mini: a T5 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters with its experts) "
+        f"routing among {len(names)} LoRA experts, top-{model.config.router_top_k}, global routing policy {policy!r}."
+    )
+
+    glider = pipeline("text2text-generation", model=model, tokenizer=tokenizer)  # routes each query by itself
+    local_only = pipeline("text2text-generation", model=model, tokenizer=tokenizer, instruction_generator=None)
+    queries = [query for _, query, _ in QUERIES]
+    routed = glider(queries, return_experts=True, max_new_tokens=12)
+    alone = local_only(queries, max_new_tokens=12)
+    records = []
+    for (kind, query, expected), [answer], [plain] in zip(QUERIES, routed, alone):
+        experts = ", ".join(f"{e['name']} {e['weight']:.0%}" for e in answer["experts"][:3])
+        records.append({"kind": kind, "query": query, "expected": expected, "answer": answer["generated_text"],
+                        "experts": answer["experts"], "local_only": plain["generated_text"]})  # fmt: skip
+        print(f"\n[{kind}] {query}\n  GLIDER: {answer['generated_text']!r}   experts used: {experts}")
+        print(f"  local routers alone (Phatgoose): {plain['generated_text']!r}   expected: {expected!r}")
+
+    # The heatmap: each query again, embedded as the pipeline embeds it, through `generate` with a routing record
+    # (one query per call, so that no padding token counts).
+    usage, titles = [], []
+    for (kind, query, _), embedding in zip(QUERIES, glider.instruction_embedder.embed(queries)):
+        for label, routing in (("GLIDER", {"instruction_embeddings": embedding[None]}), ("local routers alone", {})):
+            output = model.generate(**tokenizer(query, return_tensors="pt"), **routing, max_new_tokens=12,
+                                    output_routing=True, return_dict_in_generate=True)  # fmt: skip
+            layers, weights = layer_usage(output["routing"], len(names), 1)
+            usage.append(weights[0])
+            titles.append(f"{label} [{kind}] {query}")
+    plot_heatmap(out_dir / "routing_heatmap.png", layers, names, torch.stack(usage), titles)
+    print(f"\nRouting heatmap (layers x experts; per query, GLIDER then the local routers alone): "
+          f"{out_dir / 'routing_heatmap.png'}")  # fmt: skip
+    return records
