@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import sentencepiece as spm
 import torch
@@ -14,11 +15,32 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
+from tests.llm_server import ChatServer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ALL_T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 EMBED_DIM = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run thousands of tiny ops: on a shared 2-core machine a second thread mostly waits for the other's core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """An OpenAI-compatible chat server on 127.0.0.1 (see `llm_server.py`)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the LLM server is not the Hub
+    chat_server = ChatServer()
+    yield chat_server
+    chat_server.close()
+
 
 CORPUS = [
     "reverse the word apple",

@@ -4,7 +4,6 @@ No timing is asserted."""
 
 import json
 
-import pytest
 import torch
 
 from benchmarks.bench_speed import (
@@ -23,15 +22,6 @@ TINY = Setup(
     d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2, vocab_size=64, experts=(2, 3), rank=4, embedding_dim=8,
     encoder_batch=2, encoder_length=70, generate_batch=2, prompt_length=6, new_tokens=3, beams=2, repeats=1,
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thousands of tiny ops: on a shared 2-core machine a second thread mostly waits for the other's core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_reference_loop_equals_glider_and_runs_every_expert():

@@ -26,15 +26,6 @@ PATH = "encoder.block.0.layer.0.SelfAttention.q"
 FAST = ("gather", "grouped")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny ops: on a shared 2-core machine a second thread mostly waits for the other's core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def linear_config(top_k: int, top_p=None, **overrides) -> GliderConfig:
     """Four experts with different ranks, alphas and rslora at PATH (ranks padded to 5); a fifth adapts only `k`."""
     experts = [

@@ -21,15 +21,7 @@ from modeling_glider.instructions import (
     load_instruction_generator,
 )
 from tests.conftest import make_base
-from tests.llm_server import INSTRUCTIONS, ChatServer
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the LLM server is not the Hub
-    chat_server = ChatServer()
-    yield chat_server
-    chat_server.close()
+from tests.llm_server import INSTRUCTIONS
 
 
 def fallbacks(record) -> list[str]:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,7 +23,7 @@ from modeling_glider.embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedd
 from modeling_glider.instructions import InstructionFallbackWarning, embed_query_instructions
 from tests.conftest import make_base, make_expert
 from tests.hub_server import HubServer, Repo
-from tests.llm_server import INSTRUCTIONS, ChatServer
+from tests.llm_server import INSTRUCTIONS
 
 TASKS = {
     "sentiment": "Decide whether the movie review is positive or negative and answer positive or negative.",
@@ -134,14 +133,6 @@ def test_empty_and_very_long_queries(library, tokenizer, pipe):
     finally:
         tokenizer.model_max_length = tokenizer_limit
     assert top_expert(output) == "translation"
-
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the LLM server is not the Hub
-    chat_server = ChatServer()
-    yield chat_server
-    chat_server.close()
 
 
 def test_endpoint_generator_in_the_pipeline(library, tokenizer, server):
