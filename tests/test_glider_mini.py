@@ -201,6 +201,7 @@ def test_build_runs_end_to_end_in_the_smoke_configuration(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.expert_names == list(build.SMOKE.tasks)
     assert model.config.instruction_embedding_dim == 384
+    assert not any(str(tmp_path) in e["source"] for e in model.config.experts)  # no path of the build machine
     inputs = tokenizer(["Reverse the order of these words: cat, dog, sun"], return_tensors="pt")
     u = model.global_router.expert_embeddings[:1]
     output = model.generate(**inputs, instruction_embeddings=u, max_new_tokens=4)

@@ -236,6 +236,8 @@ class Stages:
             global_routing_threshold=r.global_routing_threshold,
             global_routing_scale_unmatched=r.global_routing_scale_unmatched, base_model_name_or_path="glider-mini-base",
         )  # fmt: skip
+        for expert in model.config.experts:  # the work folder's path would mean nothing on another machine
+            expert["source"] = f"glider-mini build: experts/{expert['name']}"
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             model.save_pretrained(staging)
