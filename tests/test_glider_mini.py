@@ -248,3 +248,25 @@ def test_committed_glider_mini_demo_runs(tmp_path, capsys):
     assert sum(r["answer"] == r["expected"] for r in held_in) >= len(held_in) - 1
     png = (tmp_path / "routing_heatmap.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_benchmark_runs_end_to_end_on_the_committed_glider_mini(tmp_path):
+    from benchmarks.glider_mini import benchmark
+    from modeling_glider.hub import load_eval_results
+
+    results = benchmark.run_benchmark(COMMITTED, tmp_path, validation_size=2, test_size=2)
+    methods = results["methods"]
+    assert set(methods) == set(benchmark.METHODS)
+    for name, method in methods.items():
+        tasks = suite.HELD_IN if name == "oracle" else [*suite.HELD_IN, *suite.HELD_OUT]
+        assert list(method["tasks"]) == tasks, name
+        assert set(method["tasks"].values()) <= {0.0, 50.0, 100.0}, name  # two prompts per task
+        held_in = sum(method["tasks"][t] for t in suite.HELD_IN) / len(suite.HELD_IN)
+        assert abs(method["held_in"] - held_in) < 1e-9, name
+    # the global router is what lifts held-in tasks above token-level routing (as in the committed full run)
+    assert methods["glider"]["held_in"] > methods["phatgoose"]["held_in"] + 10
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("Made by `python -m benchmarks.glider_mini.benchmark --model ")
+    assert all(label in table for label in benchmark.METHODS.values())
+    assert load_eval_results(tmp_path / "eval_results.json")  # usable for the model card
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")

@@ -285,7 +285,14 @@ def _fmt(value: float | None) -> str:
 
 def markdown(results: dict) -> str:
     methods = results["methods"]
+    sizes, machine = results["sizes"], results["machine"]
+    command = (
+        f"python -m benchmarks.glider_mini.benchmark --model {results['model']} --validation-size "
+        f"{sizes['validation']} --test-size {sizes['test']} --seed {sizes['seed']} --threads {machine['torch_threads']}"
+    )
     lines = [
+        f"Made by `{command}` in {results['seconds'] / 60:.0f} min ({machine['platform']}).",
+        "",
         f"Test split, {results['sizes']['test']} prompts per task, top-k = {results['top_k']}. GLIDER's alpha policy, "
         f"chosen on the validation split: {results['policy']['name']}.",
         "",
