@@ -233,7 +233,7 @@ def experts_in_use(glider, workload: str, inputs: dict, setup: Setup) -> float:
     call must read (the whole batch shares one call)."""
     extra = {"output_routing": True} | ({} if workload == "forward" else {"return_dict_in_generate": True})
     record = run_workload("glider", glider, workload, inputs, setup, **extra).routing
-    counts = [ids.unique().numel() for calls in record.calls.values() for _, ids in calls]
+    counts = [ids.unique().numel() for calls in record.calls.values() for _, ids, _ in calls]
     return sum(counts) / len(counts)
 
 

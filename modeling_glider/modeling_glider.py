@@ -282,7 +282,47 @@ class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
         self.post_init()
         self.gradient_checkpointing = False
 
-    # T5Stack.forward passes every extra keyword argument (the routing inputs) on to each block.
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        inputs_embeds=None,
+        cache=None,
+        **kwargs,
+    ):
+        """T5Stack.forward, which passes every extra keyword argument (the routing inputs) on to each block; a
+        routing record is first told which of this call's tokens are real."""
+        record = kwargs.get("routing_record")
+        if record is not None and not self.is_decoder:
+            record.set_token_masks(encoder=attention_mask)
+        elif record is not None:
+            real = self.real_tokens(input_ids, inputs_embeds, attention_mask, cache)
+            record.set_token_masks(decoder=real, cross=encoder_attention_mask)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            **kwargs,
+        )
+
+    def real_tokens(self, input_ids, inputs_embeds, attention_mask, cache) -> torch.Tensor | None:
+        """Decoder inputs that count in routing statistics, `[rows, length]` of this call: the mask's, or else all but
+        the pad and end-of-sequence tokens after the start token (what `generate` feeds a row that has ended)."""
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if attention_mask is not None:
+            return attention_mask[:, -length:]
+        if input_ids is None:  # embeddings: no token to tell
+            return None
+        past = cache.get_seq_length() if cache is not None else 0
+        position = torch.arange(past, past + length, device=input_ids.device)
+        eos = self.config.eos_token_id
+        ended = [t for t in (self.config.pad_token_id, *(eos if isinstance(eos, list) else [eos])) if t is not None]
+        return ~torch.isin(input_ids, torch.tensor(ended, device=input_ids.device)) | (position == 0)
 
 
 @dataclass

@@ -62,17 +62,36 @@ def glider_routing_weights(
 
 
 class RoutingRecord:
-    """The experts every token used at every routed linear, over one forward or one whole `generate` call."""
+    """The experts every token used at every routed linear, over one forward or one whole `generate` call.
+
+    Each T5 stack tells the record which of its tokens are real (`set_token_masks`): padding of the inputs and the
+    pad tokens `generate` feeds to finished rows are routed like any token, but do not count in the usage shares.
+    """
 
     def __init__(self):
-        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
+        self.token_masks: dict[str, torch.Tensor | None] = {}
+
+    def set_token_masks(self, **masks: torch.Tensor | None) -> None:
+        """`[rows, tokens]` masks (1 = a real token) of the calls that follow: `encoder`, `decoder`, and `cross` (the
+        encoder states that the decoder's cross-attention keys and values read)."""
+        self.token_masks.update(masks)
 
     def add(self, module_path: str, weights: torch.Tensor, expert_ids: torch.Tensor) -> None:
         """`weights`, `expert_ids`: `[batch, tokens, k]`, ids in the model's expert numbering."""
-        self.calls[module_path].append((weights.detach(), expert_ids.detach()))
+        if module_path.startswith("encoder."):
+            mask = self.token_masks.get("encoder")
+        elif module_path.endswith(("EncDecAttention.k", "EncDecAttention.v")):
+            mask = self.token_masks.get("cross")
+        else:
+            mask = self.token_masks.get("decoder")
+        if mask is not None and tuple(mask.shape) != tuple(weights.shape[:2]):
+            mask = None  # not a mask of these tokens (a call outside the stacks): count them all
+        self.calls[module_path].append((weights.detach(), expert_ids.detach(), mask))
 
     def module_usage(self, num_experts: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """Per routed linear, each query's mean routing weight on every expert, `[batch_size, num_experts]`.
+        """Per routed linear, each query's mean routing weight on every expert over its real tokens,
+        `[batch_size, num_experts]`.
 
         Calls with more rows than `batch_size` (beam search, `num_return_sequences`) fold consecutive rows onto
         their query, as `generate` lays them out.
@@ -81,13 +100,14 @@ class RoutingRecord:
         for module_path, calls in self.calls.items():
             total = torch.zeros(batch_size, num_experts)
             tokens = torch.zeros(batch_size, 1)
-            for weights, expert_ids in calls:
+            for weights, expert_ids, mask in calls:
                 rows, length, _ = weights.shape
+                mask = torch.ones(rows, length) if mask is None else mask.detach().float().cpu()
                 query = torch.arange(rows) // (rows // batch_size)
                 dense = torch.zeros(rows, length, num_experts).scatter_add_(-1, expert_ids.cpu(), weights.float().cpu())
-                total.index_add_(0, query, dense.sum(dim=1))
-                tokens.index_add_(0, query, torch.full((rows, 1), float(length)))
-            usage[module_path] = total / tokens
+                total.index_add_(0, query, (dense * mask[..., None]).sum(dim=1))
+                tokens.index_add_(0, query, mask.sum(dim=1, keepdim=True))
+            usage[module_path] = total / tokens.clamp(min=1)
         return usage
 
     def expert_usage(self, num_experts: int, batch_size: int) -> torch.Tensor:

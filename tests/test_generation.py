@@ -120,6 +120,31 @@ def test_generate_routing_record_folds_beams_onto_queries(model):
 
 
 @torch.no_grad()
+def test_routing_usage_ignores_padding_and_finished_rows(model):
+    # Each row's usage shares in a padded batch, where one row finishes early and is fed pad tokens, equal the shares
+    # of that row generated alone (no padding, stops at its end of sequence).
+    rows, u = rows_and_embeddings()
+    common = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_routing=True, return_dict_in_generate=True)
+    first = model.generate(input_ids=rows[0][None], instruction_embeddings=u[:1], **common).sequences
+    eos = int(first[0, 3])  # row 0 ends after three tokens (unless the others emit it earlier)
+    # the random model rarely emits its own EOS: make that token the decoder's EOS for this test
+    eos_before, model.decoder.config.eos_token_id = model.decoder.config.eos_token_id, eos
+    try:
+        common["eos_token_id"] = eos
+        singles = [model.generate(input_ids=r[None], instruction_embeddings=e[None], **common) for r, e in zip(rows, u)]
+        ids, mask = pad(rows)
+        batched = model.generate(input_ids=ids, attention_mask=mask, instruction_embeddings=u, **common)
+    finally:
+        model.decoder.config.eos_token_id = eos_before
+    assert min(s.sequences.shape[1] for s in singles) < batched.sequences.shape[1]  # some row ran past its end
+    usage = batched.routing.expert_usage(num_experts=3, batch_size=len(rows))
+    for i, single in enumerate(singles):
+        n = single.sequences.shape[1]
+        assert torch.equal(batched.sequences[i, :n], single.sequences[0])
+        torch.testing.assert_close(usage[i], single.routing.expert_usage(3, 1)[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_threads_sharing_one_model_match_sequential_calls(model):
     g = torch.Generator().manual_seed(3)
     jobs = [(torch.randint(2, 64, (1, 6), generator=g), torch.randn(1, EMBED_DIM, generator=g)) for _ in range(8)]
