@@ -97,17 +97,19 @@ def run_demo(out_dir: str | Path = "glider-demo", model_dir: str | Path | None =
         print(f"\n[{kind}] {query}\n  GLIDER: {answer['generated_text']!r}   experts used: {experts}")
         print(f"  local routers alone (Phatgoose): {plain['generated_text']!r}   expected: {expected!r}")
 
-    # The heatmap: each query again, embedded as the pipeline embeds it, through `generate` with a routing record
-    # (one query per call, so that no padding token counts).
-    usage, titles = [], []
-    for (kind, query, _), embedding in zip(QUERIES, glider.instruction_embedder.embed(queries)):
-        for label, routing in (("GLIDER", {"instruction_embeddings": embedding[None]}), ("local routers alone", {})):
-            output = model.generate(**tokenizer(query, return_tensors="pt"), **routing, max_new_tokens=12,
-                                    output_routing=True, return_dict_in_generate=True)  # fmt: skip
-            layers, weights = layer_usage(output["routing"], len(names), 1)
-            usage.append(weights[0])
-            titles.append(f"{label} [{kind}] {query}")
-    plot_heatmap(out_dir / "routing_heatmap.png", layers, names, torch.stack(usage), titles)
+    # The heatmap: all queries again, embedded as the pipeline embeds them, through `generate` with a routing record
+    # (padding and finished rows do not count in it).
+    inputs = tokenizer(queries, return_tensors="pt", padding=True)
+    embeddings = glider.instruction_embedder.embed(queries)
+    usage = {}
+    for label, routing in (("GLIDER", {"instruction_embeddings": embeddings}), ("local routers alone", {})):
+        output = model.generate(**inputs, **routing, max_new_tokens=12, output_routing=True,
+                                return_dict_in_generate=True)  # fmt: skip
+        layers, usage[label] = layer_usage(output["routing"], len(names), len(queries))
+    order = [(i, label) for i in range(len(QUERIES)) for label in usage]  # per query: GLIDER, then local alone
+    titles = [f"{label} [{QUERIES[i][0]}] {QUERIES[i][1]}" for i, label in order]
+    plot_heatmap(out_dir / "routing_heatmap.png", layers, names, torch.stack([usage[label][i] for i, label in order]),
+                 titles)  # fmt: skip
     print(f"\nRouting heatmap (layers x experts; per query, GLIDER then the local routers alone): "
           f"{out_dir / 'routing_heatmap.png'}")  # fmt: skip
     return records
