@@ -129,15 +129,14 @@ def make_expert(
     return directory
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tokenizer")
+def train_sentencepiece(directory: Path, texts: list[str], vocab_size: int, model_type: str = "unigram") -> Path:
+    """A T5-style sentencepiece model (pad 0, EOS 1, unk 2, no BOS) trained on `texts`, as `directory/spiece.model`."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
+        sentence_iterator=iter(texts),
         model_writer=model,
-        vocab_size=60,
-        model_type="unigram",
+        vocab_size=vocab_size,
+        model_type=model_type,
         pad_id=0,
         eos_id=1,
         unk_id=2,
@@ -146,6 +145,12 @@ def tokenizer_dir(tmp_path_factory) -> Path:
         minloglevel=2,
     )
     (directory / "spiece.model").write_bytes(model.getvalue())
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    directory = train_sentencepiece(tmp_path_factory.mktemp("tokenizer"), CORPUS * 20, vocab_size=60)
     T5Tokenizer.from_pretrained(directory, extra_ids=0).save_pretrained(directory)
     return directory
 

@@ -2,7 +2,6 @@
 on a gradient computed here with plain hooks, and real signal on two synthetic tasks."""
 
 import copy
-import io
 import json
 import os
 import random
@@ -11,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -20,7 +18,7 @@ from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.experts import routable_linears
 from modeling_glider.training import PhatgooseGatedLinear, load_pairs, train_expert, train_gates
-from tests.conftest import EMBED_DIM, make_expert
+from tests.conftest import EMBED_DIM, make_expert, train_sentencepiece
 
 FRUITS = "apple banana cherry grape lemon mango peach plum".split()
 NUMBERS = "one two three four five six seven eight".split()
@@ -41,20 +39,10 @@ def task_rows(words, seed, n=64):
 @pytest.fixture(scope="module")
 def word_tokenizer(tmp_path_factory):
     """One token per word, so the two tasks share no input token but EOS."""
-    directory = tmp_path_factory.mktemp("word_tokenizer")
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([" ".join(FRUITS), " ".join(NUMBERS)] * 20),
-        model_writer=model,
-        vocab_size=len(FRUITS) + len(NUMBERS) + 3,
-        model_type="word",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
+    texts = [" ".join(FRUITS), " ".join(NUMBERS)] * 20
+    directory = train_sentencepiece(
+        tmp_path_factory.mktemp("word_tokenizer"), texts, len(FRUITS) + len(NUMBERS) + 3, "word"
     )
-    (directory / "spiece.model").write_bytes(model.getvalue())
     tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=0)
     assert tokenizer.tokenize("apple one") == ["▁apple", "▁one"]
     return tokenizer
