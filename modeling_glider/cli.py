@@ -1,7 +1,6 @@
 """The `glider` command line. Each subcommand lives with the code it drives; this file only wires them up."""
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,12 +17,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .library import build_library
 
-    overrides = {"local_router": args.local_router, "arrow_temperature": args.arrow_temperature}
-    if args.global_routing_scale is not None:
-        overrides["global_routing_scale"] = args.global_routing_scale
-    if args.top_p is not None:
-        overrides["router_top_p"] = args.top_p
-    model = build_library(args.base, args.experts, args.out, tokenizer=args.tokenizer, top_k=args.top_k, **overrides)
+    model = build_library(
+        args.base, args.experts, args.out, tokenizer=args.tokenizer, top_k=args.top_k, local_router=args.local_router,
+        arrow_temperature=args.arrow_temperature, global_routing_scale=args.global_routing_scale, router_top_p=args.top_p,
+    )  # fmt: skip
     config = model.config
     global_router = (
         f"global router over {config.instruction_embedding_dim}-d embeddings"
@@ -120,8 +117,9 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 
 def _describe_experts(args: argparse.Namespace) -> int:
     from .describe import describe_experts, read_samples
+    from .experts import read_json_object
 
-    instructions = json.loads(Path(args.instructions).read_text()) if args.instructions else {}
+    instructions = read_json_object(Path(args.instructions), "--instructions") if args.instructions else {}
     instructions.update(_pairs(args.instruction, "--instruction"))
     data = {name: read_samples(path) for name, path in _pairs(args.data, "--data").items()}
     written = describe_experts(
@@ -152,25 +150,19 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
-
     from .hub import push_folder
 
-    try:
-        commit = push_folder(
-            args.folder,
-            args.repo_id,
-            token=args.token,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.message,
-            eval_results=args.eval_results,
-            license=args.license,
-            model_card=None if args.card is None else open(args.card, encoding="utf-8").read(),
-        )
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        print(f"glider push: {error}", file=sys.stderr)
-        return 1
+    commit = push_folder(  # Hub errors are OSErrors: `main` reports them
+        args.folder,
+        args.repo_id,
+        token=args.token,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.message,
+        eval_results=args.eval_results,
+        license=args.license,
+        model_card=None if args.card is None else Path(args.card).read_text(encoding="utf-8"),
+    )
     print(f"Pushed {args.folder} to {args.repo_id}: {commit.commit_url}")
     return 0
 

@@ -18,7 +18,6 @@ Both LoRA formats scale the LoRA product by 1/r (Phatgoose divides by the bottle
 plain containers only, nothing is unpickled.
 """
 
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, T5ForConditionalGeneration
 
-from .experts import ADAPTER_WEIGHTS, compact_target_modules, routable_linears, save_expert_files
+from .experts import ADAPTER_WEIGHTS, compact_target_modules, read_json_object, routable_linears, save_expert_files
 
 GLIDER_KEY = re.compile(
     r"^base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_gate)\.(?P<adapter>[^.]+)(\.weight)?$"
@@ -228,13 +227,7 @@ def convert_checkpoints(
         ):
             raise ValueError(f"Instruction embeddings {embeddings}: expected a dict {{task: tensor}}.")
     if isinstance(instructions, (str, os.PathLike)):
-        path = Path(instructions)
-        if not path.is_file():
-            raise FileNotFoundError(f"Instructions {path}: no such file.")
-        try:
-            instructions = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"Instructions {path}: not valid JSON ({error}).") from None
+        instructions = read_json_object(Path(instructions), "Instructions")
     if instructions is not None and not isinstance(instructions, dict):
         raise ValueError("Instructions must be a JSON object {task: text or [texts]}.")
 

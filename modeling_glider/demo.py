@@ -79,6 +79,7 @@ def run_demo(out_dir: str | Path = "glider-demo", model_dir: str | Path | None =
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     names = model.config.expert_names
     policy = model.config.global_routing_policy
+    local_router = {"phatgoose": "Phatgoose", "arrow": "Arrow"}[model.config.local_router]
     print(
         f"glider-mini: a T5 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters with its experts) "
         f"routing among {len(names)} LoRA experts, top-{model.config.router_top_k}, global routing policy {policy!r}."
@@ -95,7 +96,7 @@ def run_demo(out_dir: str | Path = "glider-demo", model_dir: str | Path | None =
         records.append({"kind": kind, "query": query, "expected": expected, "answer": answer["generated_text"],
                         "experts": answer["experts"], "local_only": plain["generated_text"]})  # fmt: skip
         print(f"\n[{kind}] {query}\n  GLIDER: {answer['generated_text']!r}   experts used: {experts}")
-        print(f"  local routers alone (Phatgoose): {plain['generated_text']!r}   expected: {expected!r}")
+        print(f"  local routers alone ({local_router}): {plain['generated_text']!r}   expected: {expected!r}")
 
     # The heatmap: all queries again, embedded as the pipeline embeds them, through `generate` with a routing record
     # (padding and finished rows do not count in it).

@@ -9,15 +9,14 @@ the experts records it. Nothing is written unless every expert got its instructi
 import json
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedder, load_embedder
-from .experts import EXPERT_CONFIG, EXPERT_WEIGHTS
+from .experts import EXPERT_WEIGHTS, read_expert_meta, write_expert_files
 from .instructions import InstructionGenerator, QueryInstructions, load_instruction_generator
 
 
@@ -37,19 +36,6 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
     if not samples:
         raise ValueError(f"{path} holds no samples.")
     return samples
-
-
-def _expert_name(directory: Path) -> tuple[str, dict]:
-    path = directory / EXPERT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"Expert at {directory}: missing {EXPERT_CONFIG}.")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"Expert at {directory}: {EXPERT_CONFIG} is not valid JSON ({error}).") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
-        raise ValueError(f"Expert at {directory}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
-    return meta["name"], meta
 
 
 def describe_experts(
@@ -76,7 +62,8 @@ def describe_experts(
     directories = [Path(d) for d in expert_dirs]
     metas = {}
     for directory in directories:
-        name, meta = _expert_name(directory)
+        meta = read_expert_meta(directory, f"Expert at {directory}")
+        name = meta["name"]
         if name in metas:
             raise ValueError(f"Two experts are named {name!r} ({metas[name][0]} and {directory}).")
         metas[name] = (directory, meta)
@@ -115,9 +102,4 @@ def write_expert_description(
     `glider_expert.safetensors`, keeping everything else there (gates, other keys); each file replaced atomically."""
     tensors = load_file(directory / EXPERT_WEIGHTS) if (directory / EXPERT_WEIGHTS).exists() else {}
     tensors["instruction_embedding"] = embedding.detach().float().cpu().flatten().contiguous()
-    meta = {**meta, "instruction": instruction, "embedding_model": embedding_model}
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        save_file(tensors, Path(staging) / EXPERT_WEIGHTS, metadata={"format": "pt"})
-        (Path(staging) / EXPERT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        for file in (EXPERT_WEIGHTS, EXPERT_CONFIG):
-            os.replace(Path(staging) / file, directory / file)
+    write_expert_files(directory, {**meta, "instruction": instruction, "embedding_model": embedding_model}, tensors)

@@ -75,7 +75,8 @@ class Expert:
         return sorted(self.lora_A)
 
 
-def _read_json(path: Path, who: str) -> dict:
+def read_json_object(path: Path, who: str) -> dict:
+    """The JSON object in `path`; errors name `who` and the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{who}: missing {path.name} (looked for {path}).")
     try:
@@ -85,6 +86,14 @@ def _read_json(path: Path, who: str) -> dict:
     if not isinstance(content, dict):
         raise ValueError(f"{who}: {path} must hold a JSON object.")
     return content
+
+
+def read_expert_meta(directory: Path, who: str) -> dict:
+    """An expert's `glider_expert.json`, which must name it."""
+    meta = read_json_object(directory / EXPERT_CONFIG, who)
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise ValueError(f"{who}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
+    return meta
 
 
 def _read_safetensors(path: Path, who: str) -> dict[str, torch.Tensor]:
@@ -133,13 +142,11 @@ def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
     if name is not None and not (directory / EXPERT_CONFIG).exists():
         meta = {"name": name}
     else:
-        meta = _read_json(directory / EXPERT_CONFIG, who)
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{who}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
+        meta = read_expert_meta(directory, who)
+    name = meta["name"]
     who = f"Expert {name!r} ({spec})"
 
-    adapter_config = _read_json(directory / ADAPTER_CONFIG, who)
+    adapter_config = read_json_object(directory / ADAPTER_CONFIG, who)
     if adapter_config.get("peft_type") != "LORA":
         raise ValueError(
             f"{who}: adapter is {adapter_config.get('peft_type')!r}, but only plain LoRA experts can be routed."
@@ -208,11 +215,26 @@ def save_expert_files(
     meta = {"name": name, "instruction": instruction}
     if embedding_model is not None:
         meta["embedding_model"] = embedding_model
+    write_expert_files(directory, meta, tensors)
+
+
+def write_expert_files(directory: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `meta` as `glider_expert.json` and `tensors` as `glider_expert.safetensors` into an expert directory,
+    both first written in full beside the targets, then renamed over them."""
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         save_file(tensors, Path(staging) / EXPERT_WEIGHTS, metadata={"format": "pt"})
         (Path(staging) / EXPERT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         for file in (EXPERT_WEIGHTS, EXPERT_CONFIG):
             os.replace(Path(staging) / file, directory / file)
+
+
+def load_base(base: T5ForConditionalGeneration | str | os.PathLike) -> T5ForConditionalGeneration:
+    """`base` itself, or the T5 at that name or path."""
+    if isinstance(base, (str, os.PathLike)):
+        base = T5ForConditionalGeneration.from_pretrained(base)
+    if not isinstance(base, T5ForConditionalGeneration):
+        raise TypeError(f"base must be a T5ForConditionalGeneration or its name/path, got {type(base).__name__}.")
+    return base
 
 
 def routable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -364,10 +386,7 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
         sources = {n: [str(e.source) for e in experts if e.name == n] for n in duplicates}
         raise ValueError(f"Duplicate expert names {duplicates}: {sources}. Every expert needs its own name.")
 
-    if isinstance(base, (str, os.PathLike)):
-        base = T5ForConditionalGeneration.from_pretrained(base)
-    if not isinstance(base, T5ForConditionalGeneration):
-        raise TypeError(f"base must be a T5ForConditionalGeneration or its name/path, got {type(base).__name__}.")
+    base = load_base(base)
     linears = routable_linears(base)
     base_name = base.config.name_or_path
     for expert in experts:

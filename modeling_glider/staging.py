@@ -1,25 +1,13 @@
-"""Writing files and folders so that they appear complete or not at all: write beside the target, then rename."""
+"""Writing folders so that they appear complete or not at all: fill a folder beside the target, then rename it."""
 
 import os
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 
 def _sibling(target: Path) -> Path:
     # Created by the caller with the usual permissions (mkstemp/mkdtemp would make them private to the user).
     return target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temporary file beside `path`, then rename it over `path`: readers see the old file or the new one."""
-    temporary = _sibling(path)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def staging_dir(target: Path) -> Path:

@@ -20,7 +20,6 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -35,14 +34,16 @@ from configuration_glider.configuration_glider import matches_pattern
 
 from .experts import (
     EXPERT_CONFIG,
-    EXPERT_WEIGHTS,
     _check_against_base,
     expert_lora_scalings,
+    load_base,
     load_expert,
+    read_expert_meta,
     routable_linears,
     save_expert_files,
+    write_expert_files,
 )
-from .staging import publish, staging_dir, write_atomically
+from .staging import publish, staging_dir
 
 ALL_T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 TrainingData = str | os.PathLike | list | datasets.Dataset
@@ -126,13 +127,9 @@ def _tokenize(
 
 
 def _base_and_tokenizer(base, tokenizer) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerBase]:
-    if isinstance(base, (str, os.PathLike)):
-        tokenizer = tokenizer if tokenizer is not None else str(base)
-        base = T5ForConditionalGeneration.from_pretrained(base)
-    if not isinstance(base, T5ForConditionalGeneration):
-        raise TypeError(f"base must be a T5ForConditionalGeneration or its name/path, got {type(base).__name__}.")
+    base = load_base(base)
     if tokenizer is None:
-        tokenizer = base.config.name_or_path or None
+        tokenizer = base.config.name_or_path or None  # the path the base was loaded from
     if tokenizer is None:
         raise ValueError(
             "Pass tokenizer=: the base model was given as an object with no path to take a tokenizer from."
@@ -277,11 +274,9 @@ def train_gates(
         tensors = {f"gate.{path}": gate.contiguous() for path, gate in gates.items()}
         if expert.instruction_embedding is not None:
             tensors["instruction_embedding"] = expert.instruction_embedding
-        write_atomically(expert_dir / EXPERT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        if not has_metadata or instruction is not None:
-            meta = json.loads((expert_dir / EXPERT_CONFIG).read_text()) if has_metadata else {"name": expert.name}
-            meta["instruction"] = instruction if instruction is not None else meta.get("instruction", "")
-            write_atomically(expert_dir / EXPERT_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        meta = read_expert_meta(expert_dir, f"Expert at {expert_dir}") if has_metadata else {"name": expert.name}
+        meta["instruction"] = instruction if instruction is not None else meta.get("instruction", "")
+        write_expert_files(expert_dir, meta, tensors)
     state.wait_for_everyone()
     return expert_dir
 
