@@ -27,17 +27,14 @@ from .fast_lora import (
 ROUTER_LAYER_NORM_EPS = 1e-5
 
 
-def phatgoose_logits(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """local_e = LN(x) . LN(v_e) / sqrt(d_in), LN without affine parameters, in fp32. [..., d], [E, d] -> [..., E]."""
-    d_in = x.shape[-1]
-    x = F.layer_norm(x.float(), (d_in,), eps=ROUTER_LAYER_NORM_EPS)
-    gates = F.layer_norm(gates.float(), (d_in,), eps=ROUTER_LAYER_NORM_EPS)
-    return x @ gates.T / math.sqrt(d_in)
-
-
 def phatgoose_gates(gates: torch.Tensor) -> torch.Tensor:
-    """LN(v_e) / sqrt(d_in) in fp32: the input-independent half of `phatgoose_logits`."""
+    """LN(v_e) / sqrt(d_in) in fp32, LN without affine parameters: the input-independent half of `phatgoose_logits`."""
     return F.layer_norm(gates.float(), gates.shape[-1:], eps=ROUTER_LAYER_NORM_EPS) / math.sqrt(gates.shape[-1])
+
+
+def phatgoose_logits(x: torch.Tensor, normalised_gates: torch.Tensor) -> torch.Tensor:
+    """local_e = LN(x) . LN(v_e) / sqrt(d_in) in fp32, the gates given as `phatgoose_gates(v)`. [..., d] -> [..., E]."""
+    return F.linear(F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS), normalised_gates)
 
 
 def arrow_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -205,30 +202,31 @@ class GliderLinear(nn.Linear):
             return "gather" if num_tokens <= AUTO_GATHER_MAX_TOKENS else "grouped"
         return implementation
 
-    def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing weights and local expert indices per token, `[batch, tokens, k]`, for input `x` `[batch, tokens, d_in]`."""
-        if self.config.local_router == "arrow":
-            local_logits = arrow_logits(x, self.router_gate, self.config.arrow_temperature)
-        else:
-            local_logits = phatgoose_logits(x, self.router_gate)
-        global_logits = None
-        if global_routing_logits is not None:  # [batch, all experts] -> [batch, 1, experts of this linear]
-            global_logits = global_routing_logits.to(x.device).index_select(-1, self.expert_index)[:, None, :]
-        return glider_routing_weights(local_logits, global_logits, self.config.router_top_k, self.config.router_top_p)
-
-    def fast_route(
-        self, x: torch.Tensor, global_routing_logits: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`route` with the normalised gates reused across calls and the softmax taken over the top-k only."""
+    def routing_logits(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> torch.Tensor:
+        """`local_e(x) + alpha * cos(u, G_e)` over the experts of this linear, fp32 `[batch, tokens, E]`, for input `x`
+        `[batch, tokens, d_in]` and the query's global logits `[batch, all experts]` (None: local only)."""
         if self.config.local_router == "arrow":
             logits = arrow_logits(x, self.router_gate, self.config.arrow_temperature)
         else:
-            logits = F.linear(F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS), self.normalised_gates())
+            logits = phatgoose_logits(x, self.normalised_gates())
         if global_routing_logits is not None:
             global_logits = global_routing_logits.to(x.device)
             if not self.routes_all_experts:
                 global_logits = global_logits.index_select(-1, self.expert_index)
             logits = logits + global_logits[:, None, :]
+        return logits
+
+    def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and local expert indices per token, `[batch, tokens, k]`: the softmax over all experts,
+        then top-k (the formula as written)."""
+        logits = self.routing_logits(x, global_routing_logits)
+        return glider_routing_weights(logits, None, self.config.router_top_k, self.config.router_top_p)
+
+    def fast_route(
+        self, x: torch.Tensor, global_routing_logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`route` with the softmax taken over the top-k only."""
+        logits = self.routing_logits(x, global_routing_logits)
         return fast_routing_weights(logits, self.config.router_top_k, self.config.router_top_p)
 
     def normalised_gates(self) -> torch.Tensor:
