@@ -83,10 +83,10 @@ class GliderConfig(T5Config):
     lora_implementation (`str`, defaults to `"auto"`):
         How a routed linear computes `sum_e w_e s_e B_e A_e x`; every choice gives the same result up to rounding.
         `"dense"`: over all experts, unselected ones with weight 0 (the readable reference; cost grows with E).
-        `"gather"`: gathers each token's k experts (each expert once where rows share them, as beams do) and uses
-        batched matmuls: no loop, for few tokens.
+        `"gather"`: gathers each token's k experts and uses batched matmuls: no loop, for few tokens (on CPU, from 8
+        rows on, each expert once where rows share them, as beams do).
         `"grouped"`: groups tokens by expert, one matmul pair per expert in use (for many tokens).
-        `"auto"`: `"gather"` for calls on up to 64 tokens (every decoding step), `"grouped"` above.
+        `"auto"`: `"gather"` for calls on up to 64 tokens (the decoding steps of up to 64 rows), `"grouped"` above.
     """
 
     model_type = "glider_t5"

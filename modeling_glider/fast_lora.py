@@ -8,8 +8,8 @@ k:
 - `fast_routing_weights`: top-k of the logits, then a softmax over those k only (the renormalised top-k of a softmax
   is the softmax of the top-k logits); top-p still sees the full distribution through one logsumexp.
 - `gathered_mixture_of_lora`: gathers each token's k experts' A and B and applies them with batched matmuls: no Python
-  loop, k LoRA products per token. Where rows share experts (the beams of one query) it reads each expert in use once
-  instead. For few tokens, as in every decoding step.
+  loop, k LoRA products per token. On CPU, from 8 rows on, where rows share experts (the beams of one query) it reads
+  each expert in use once instead. For few tokens, as in the decoding steps.
 - `grouped_mixture_of_lora`: sorts the (token, expert) pairs by expert and runs one matmul pair per expert in use, so
   each expert's weights are read once however many tokens chose it. For many tokens (the encoder on long inputs),
   where a loop over the experts in use costs little next to the matmuls.
@@ -20,7 +20,7 @@ The mixtures take `scaled_weights` (routing weight times the expert's LoRA scali
 
 import torch
 
-# "auto" gathers when a call routes at most this many tokens (every decoding step of `generate`, short inputs) and
+# "auto" gathers when a call routes at most this many tokens (the decoding steps of `generate`, short inputs) and
 # groups by expert above it: gathering copies k LoRA pairs per token, grouping pays a sort and a loop over experts.
 AUTO_GATHER_MAX_TOKENS = 64
 

@@ -4,7 +4,8 @@ GLIDER's global instruction router.
 The T5 modules below differ from `transformers.models.t5.modeling_t5` in one way: every linear of a block is a
 `GliderLinear`, and the routing inputs of a call (`global_routing_logits`, `routing_record`) travel as keyword
 arguments from the stack down to each linear. T5's stack already forwards extra keyword arguments to its blocks
-and attention layers; the feed-forward path and the attention projections are the parts that had to learn them.
+and attention layers; the feed-forward path and the attention projections are the parts that had to learn them,
+and the stack tells a routing record which of its tokens are real (not padding).
 """
 
 import copy
@@ -454,10 +455,12 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         if instruction_embeddings is not None:
             if global_routing_logits is not None:
                 raise ValueError("Pass instruction_embeddings or global_routing_logits, not both.")
-            batch = next(
-                t for t in (input_ids, inputs_embeds, decoder_input_ids, decoder_inputs_embeds) if t is not None
+            encoder_states = encoder_outputs[0] if encoder_outputs is not None else None
+            inputs = (input_ids, inputs_embeds, encoder_states, decoder_input_ids, decoder_inputs_embeds, labels)
+            batch = next((t for t in inputs if t is not None), None)
+            global_routing_logits = self.global_routing_logits(
+                instruction_embeddings, None if batch is None else batch.shape[0]
             )
-            global_routing_logits = self.global_routing_logits(instruction_embeddings, batch.shape[0])
         if output_routing and routing_record is None:
             routing_record = RoutingRecord()
         outputs = super().forward(

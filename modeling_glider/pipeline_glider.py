@@ -28,7 +28,7 @@ class Text2TextGenerationPipeline(Pipeline):
     Call arguments: inputs are strings or dicts `{"text", "instruction"?, "instruction_embedding"?}`;
     `instruction` (a string for every input, or one per input) replaces the generator; `instruction_embeddings`
     (`[D]` or `[1, D]` for every input, or `[len(inputs), D]`) replaces both; `return_experts=True` adds
-    `"experts"` (each expert's mean routing weight over every routed linear and token, largest first) and
+    `"experts"` (each expert's mean routing weight over every routed linear and real token, largest first) and
     `"instruction"` (the text that was embedded; None for given embeddings and for queries routed locally only).
     Generation parameters pass through to `generate`.
     """

@@ -164,3 +164,16 @@ def test_threads_sharing_one_model_match_sequential_calls(model):
         assert torch.equal(logits, sequential[i % len(jobs)][0])
         assert torch.equal(generated, sequential[i % len(jobs)][1])
     assert len({tuple(s[1].flatten().tolist()) for s in sequential}) > 1  # the jobs differ
+
+
+@torch.no_grad()
+def test_forward_from_encoder_outputs_and_labels(model):
+    # Training-style calls that give neither input_ids nor decoder_input_ids still route by the instruction embedding.
+    rows, u = rows_and_embeddings(lengths=(6, 6))
+    ids = torch.stack(rows)
+    labels = ids[:, :3].contiguous()
+    expected = model(input_ids=ids, labels=labels, instruction_embeddings=u)
+    encoder_outputs = model.get_encoder()(input_ids=ids, global_routing_logits=model.global_routing_logits(u))
+    got = model(encoder_outputs=encoder_outputs, labels=labels, instruction_embeddings=u)
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.loss, expected.loss)
