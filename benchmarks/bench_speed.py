@@ -135,11 +135,10 @@ def build_glider(base: T5ForConditionalGeneration, setup: Setup, num_experts: in
     for module in glider.modules():
         if isinstance(module, GliderLinear):
             E, r, d_in, d_out = module.num_experts, setup.rank, module.in_features, module.out_features
-            module.lora_A = torch.nn.Parameter(torch.randn(E, r, d_in, generator=generator) / math.sqrt(d_in))
-            module.lora_B = torch.nn.Parameter(torch.randn(E, d_out, r, generator=generator) * 0.5)
-            module.router_gate = torch.nn.Parameter(torch.randn(E, d_in, generator=generator))
-            module.lora_scaling = torch.tensor(module.expert_scalings)
-            module.expert_index = torch.tensor(module.expert_ids, dtype=torch.long)
+            A = torch.randn(E, r, d_in, generator=generator) / math.sqrt(d_in)
+            B = torch.randn(E, d_out, r, generator=generator) * 0.5
+            gate = torch.randn(E, d_in, generator=generator)
+            module.set_experts({e: (A[s], B[s], gate[s]) for s, e in enumerate(module.expert_ids)})
     glider.global_router.expert_embeddings = torch.randn(num_experts, setup.embedding_dim, generator=generator)
     glider.tie_weights()
     leftover = [n for n, t in [*glider.named_parameters(), *glider.named_buffers()] if t.is_meta]

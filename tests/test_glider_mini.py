@@ -172,9 +172,10 @@ def test_baselines_recovered_from_a_glider_model_match_peft(tmp_path):
     # uniform merge: W + 1/2 (s_a B_a A_a + s_b B_b A_b), read from the adapter files here
     merged = copy.deepcopy(base)
     for directory, scaling in zip(dirs, (4 / 2, 8 / 4)):
-        for key, A in load_file(directory / "adapter_model.safetensors").items():
+        adapter = load_file(directory / "adapter_model.safetensors")
+        for key, A in adapter.items():
             if key.endswith("lora_A.weight"):
-                B = load_file(directory / "adapter_model.safetensors")[key.replace("lora_A", "lora_B")]
+                B = adapter[key.replace("lora_A", "lora_B")]
                 path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                 merged.get_submodule(path).weight.data += 0.5 * scaling * (B @ A)
     torch.testing.assert_close(logits(library.merged_model(model)), logits(merged))

@@ -13,12 +13,12 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+from transformers import T5Tokenizer
 
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.experts import routable_linears
 from modeling_glider.training import PhatgooseGatedLinear, load_pairs, train_expert, train_gates
-from tests.conftest import EMBED_DIM, make_expert, train_sentencepiece
+from tests.conftest import EMBED_DIM, make_base, make_expert, train_sentencepiece
 
 FRUITS = "apple banana cherry grape lemon mango peach plum".split()
 NUMBERS = "one two three four five six seven eight".split()
@@ -49,12 +49,7 @@ def word_tokenizer(tmp_path_factory):
 
 
 def word_base(seed=0, d_model=64):
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=32, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    return T5ForConditionalGeneration(config).eval()
+    return make_base(seed, vocab_size=32, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model)
 
 
 def test_gated_linear_is_the_phatgoose_formula():

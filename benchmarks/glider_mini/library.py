@@ -30,32 +30,22 @@ def base_model(model: GliderT5ForConditionalGeneration) -> T5ForConditionalGener
     return base.eval()
 
 
-def expert_lora(model: GliderT5ForConditionalGeneration, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Expert `index`'s LoRA per adapted linear: module path -> (A [r, d_in], B [d_out, r]), padding removed."""
-    lora = {}
-    for path, linear in glider_linears(model).items():
-        if index in linear.expert_ids:
-            slot = linear.expert_ids.index(index)
-            rank = linear.expert_ranks[slot]
-            lora[path] = (linear.lora_A[slot, :rank].detach(), linear.lora_B[slot, :, :rank].detach())
-    return lora
-
-
 def export_experts(model: GliderT5ForConditionalGeneration, directory: str | Path) -> list[Path]:
     """Write every expert of `model` as an expert directory (PEFT LoRA adapter + glider files) under `directory`."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     embeddings = model.global_router.expert_embeddings if model.global_router is not None else None
+    per_linear = {path: linear.expert_tensors() for path, linear in glider_linears(model).items()}
     dirs = []
     for index, expert in enumerate(model.config.experts):
         target = directory / expert["name"]
         target.mkdir(parents=True, exist_ok=True)
-        lora = expert_lora(model, index)
+        own = {path: tensors[index] for path, tensors in per_linear.items() if index in tensors}  # (A, B, gate)
         tensors = {}
-        for path, (A, B) in lora.items():
-            tensors[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()
-            tensors[f"base_model.model.{path}.lora_B.weight"] = B.contiguous()
+        for path, (A, B, _) in own.items():
+            tensors[f"base_model.model.{path}.lora_A.weight"] = A.detach().contiguous()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = B.detach().contiguous()
         save_file(tensors, target / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         adapter_config = {
             "peft_type": "LORA",
@@ -71,15 +61,11 @@ def export_experts(model: GliderT5ForConditionalGeneration, directory: str | Pat
             "bias": "none",
         }
         (target / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        gates = {}
-        for path, linear in glider_linears(model).items():
-            if index in linear.expert_ids:
-                gates[path] = linear.router_gate[linear.expert_ids.index(index)].detach()
         save_expert_files(
             target,
             expert["name"],
             expert["instruction"],
-            gates,
+            {path: gate.detach() for path, (_, _, gate) in own.items()},
             None if embeddings is None else embeddings[index],
             model.config.instruction_embedding_model,
         )
@@ -97,11 +83,8 @@ def merged_model(
     merged = base_model(model)
     for path, linear in glider_linears(model).items():
         delta = torch.zeros_like(linear.weight, dtype=torch.float32)
-        for slot, (index, rank, scaling) in enumerate(
-            zip(linear.expert_ids, linear.expert_ranks, linear.expert_scalings)
-        ):
-            A, B = linear.lora_A[slot, :rank].float(), linear.lora_B[slot, :, :rank].float()
-            delta += weights[index] * scaling * (B @ A)
+        for (index, (A, B, _)), scaling in zip(linear.expert_tensors().items(), linear.expert_scalings):
+            delta += weights[index] * scaling * (B.float() @ A.float())
         target = merged.get_submodule(path)
         target.weight += delta.to(target.weight.dtype)
     return merged
