@@ -9,7 +9,6 @@ and the stack tells a routing record which of its tokens are real (not padding).
 """
 
 import copy
-import inspect
 import os
 import shutil
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from transformers.models.t5.modeling_t5 import (
 )
 from transformers.utils.generic import can_return_tuple
 
+from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
 from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord
 
@@ -539,9 +539,6 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
 
 
-HUB_KWARGS = ("repo_id", "token", "private", "revision", "create_pr", "commit_message", "commit_description")
-
-
 def _hub():
     """The package's Hub module. An absolute import inside `try`: a model loaded with `trust_remote_code=True`
     runs without the package, and transformers does not demand what is imported in a `try` block."""
@@ -552,22 +549,6 @@ def _hub():
             "Pushing a GliderT5 with its model card needs the glider-t5 package (pip install glider-t5)."
         ) from None
     return hub
-
-
-def code_files() -> list[Path]:
-    """The files a flat folder needs to run this model without the package: `auto_map` and `custom_pipelines` in
-    the config point into them."""
-    here = Path(__file__).parent
-    names = (
-        "modeling_glider.py",
-        "routing.py",
-        "fast_lora.py",
-        "experts.py",
-        "pipeline_glider.py",
-        "embedding.py",
-        "instructions.py",
-    )
-    return [Path(inspect.getfile(GliderConfig))] + [here / name for name in names]
 
 
 register_text2text_generation_pipeline()

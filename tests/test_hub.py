@@ -27,7 +27,7 @@ from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, pipeli
 from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration, cli
 from modeling_glider.hub import push_folder, render_model_card
-from modeling_glider.modeling_glider import code_files
+from modeling_glider.packaging import code_files
 from tests.conftest import EMBED_DIM, make_base, make_expert
 from tests.hub_server import HubServer
 
