@@ -21,7 +21,6 @@ plain containers only, nothing is unpickled.
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, T5ForConditionalGeneration
 
-from .experts import ADAPTER_WEIGHTS, compact_target_modules, read_json_object, routable_linears, save_expert_files
+from .experts import (
+    ADAPTER_WEIGHTS,
+    check_name,
+    compact_target_modules,
+    is_positive_number,
+    read_json_object,
+    routable_linears,
+    save_expert_files,
+)
+from .staging import staging_dir
 
 GLIDER_KEY = re.compile(
     r"^base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_gate)\.(?P<adapter>[^.]+)(\.weight)?$"
@@ -129,6 +137,16 @@ def _check(name: str, source: Path, modules: dict, gates: bool, linears: dict | 
                 )
 
 
+def _instruction(instructions: dict, name: str, source) -> str:
+    """The expert's instruction in `{task: text or [texts]}` (the first text), or "" when there is none."""
+    instruction = _lookup(instructions, name)
+    if isinstance(instruction, list):
+        instruction = instruction[0] if instruction else None
+    if instruction is not None and not isinstance(instruction, str):
+        raise ValueError(f"Instructions {source}: the entry for {name!r} is not a text, got {instruction!r}.")
+    return instruction or ""
+
+
 def _lookup(table: dict, task: str):
     if task in table:
         return table[task]
@@ -214,8 +232,15 @@ def convert_checkpoints(
             files.append(checkpoint)
         else:
             raise FileNotFoundError(f"Checkpoint {checkpoint}: no such file or folder.")
-    if embedding_dim is not None and embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim!r}.")
+    if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
+        raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}.")
+    if not is_positive_number(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}.")
+    if names is not None:
+        if isinstance(names, str):
+            raise TypeError(f"names must be a list of names, got the string {names!r}.")
+        for name in names:
+            check_name(name, "Expert name in names")
     linears, base_name = _base_linears(base) if base is not None else (None, None)
     base_name = base_model_name_or_path or base_name
 
@@ -226,14 +251,16 @@ def convert_checkpoints(
             isinstance(v, torch.Tensor) for v in embedding_table.values()
         ):
             raise ValueError(f"Instruction embeddings {embeddings}: expected a dict {{task: tensor}}.")
+    instructions_source = instructions if isinstance(instructions, (str, os.PathLike)) else "(dict)"
     if isinstance(instructions, (str, os.PathLike)):
         instructions = read_json_object(Path(instructions), "Instructions")
     if instructions is not None and not isinstance(instructions, dict):
         raise ValueError("Instructions must be a JSON object {task: text or [texts]}.")
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=output_dir))
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder.")
+    staging = staging_dir(output_dir)  # beside it: nothing appears in output_dir unless every expert converts
     written, name_index = [], 0
     try:
         for file in tqdm(files, desc="Converting checkpoints", disable=len(files) < 4):
@@ -244,6 +271,7 @@ def convert_checkpoints(
                     raise ValueError(f"{len(names)} names were given, too few for the experts up to {file}.")
                 parsed, name_index = dict(zip(given, parsed.values())), name_index + len(parsed)
             for name, modules in parsed.items():
+                check_name(name, f"Expert name from {file}")
                 if name in written:
                     raise ValueError(f"Expert name {name!r} occurs twice (again in {file}); give distinct names.")
                 if (output_dir / name).exists():
@@ -260,16 +288,16 @@ def convert_checkpoints(
                     embedding = embedding.float().flatten()[:embedding_dim]
                     if not torch.isfinite(embedding).all():
                         raise ValueError(f"Instruction embeddings {embeddings}: {name!r} holds NaN or inf values.")
-                instruction = _lookup(instructions or {}, name) or ""
-                instruction = instruction[0] if isinstance(instruction, list) and instruction else instruction
+                instruction = _instruction(instructions or {}, name, instructions_source)
                 (staging / name).mkdir()
                 _write_expert(
                     staging / name, name, modules, lora_alpha=lora_alpha, linears=linears, base_name=base_name,
-                    instruction=str(instruction), gates=gates, embedding=embedding, embedding_model=embedding_model,
+                    instruction=instruction, gates=gates, embedding=embedding, embedding_model=embedding_model,
                 )  # fmt: skip
                 written.append(name)
         if names is not None and name_index != len(names):
             raise ValueError(f"{len(names)} names were given for {name_index} experts.")
+        output_dir.mkdir(exist_ok=True)
         for name in written:
             os.replace(staging / name, output_dir / name)
     finally:

@@ -91,6 +91,10 @@ class InstructionEmbedder:
     ):
         if backend not in ("auto", "sentence-transformers", "transformers"):
             raise ValueError(f"backend must be 'auto', 'sentence-transformers' or 'transformers', got {backend!r}.")
+        for option, value, least in (("batch_size", batch_size, 1), ("cache_size", cache_size, 0),
+                                     ("max_length", 1 if max_length is None else max_length, 1)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"InstructionEmbedder: {option} must be an integer >= {least}, got {value!r}.")
         self.model_id, self.location = resolve_embedding_model(name_or_path, model_id)
         self.device = torch.device(device or "cpu")
         self.batch_size = batch_size

@@ -12,12 +12,14 @@ Module paths are those of `T5ForConditionalGeneration`, e.g. `encoder.block.0.la
 check runs before anything is built, and errors name the expert, file and module at fault.
 """
 
+import difflib
 import json
+import math
 import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,9 +44,11 @@ EXPERT_WEIGHTS = "glider_expert.safetensors"
 EXPERT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, EXPERT_WEIGHTS]
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight$")
-# adapter_config.json entries that make an adapter something other than plain LoRA, with their plain values
+# adapter_config.json entries that make an adapter something other than plain LoRA (W + s B A on the unchanged base
+# weight W), with their plain values
 PLAIN_LORA = {
     "use_dora": (False, None),
+    "use_qalora": (False, None),
     "bias": ("none", None),
     "lora_bias": (False, None),
     "fan_in_fan_out": (False, None),
@@ -53,7 +57,74 @@ PLAIN_LORA = {
     "layer_replication": (None, []),
     "trainable_token_indices": (None, [], {}),
     "alora_invocation_tokens": (None, []),
+    "loftq_config": (None, {}),
+    "megatron_config": (None, {}),
+    "use_bdlora": (None, {}),
+    "arrow_config": (None, {}),
+    "kasa_config": (None, {}),
 }
+# `init_lora_weights` values after which a saved adapter still means W + s B A on the original base. PiSSA, OLoRA,
+# CorDA, LoftQ and LoRA-GA subtract their initial B A from (or quantise) the base weight, so an adapter saved without
+# converting it back is relative to another W (PEFT rewrites the base again on load, except for LoRA-GA).
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
+
+
+def check_name(name, who: str) -> str:
+    """`name` when it is usable as one folder name: a non-empty string that is not `.` or `..` and holds no path
+    separator, NUL or surrounding whitespace. Expert names become folders (`glider convert`, exported libraries), so a
+    name read from a file or the command line must never reach outside the folder it is written into."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{who}: the name {name!r} is not a non-empty string.")
+    if name != name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ValueError(
+            f"{who}: the name {name!r} cannot be a folder name (no '/', '\\', NUL, surrounding spaces, '.' or '..')."
+        )
+    return name
+
+
+def is_positive_number(value, integer: bool = False) -> bool:
+    kinds = int if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_adapter_config(adapter_config: dict, who: str) -> None:
+    """Refuse an `adapter_config.json` whose adapter does not mean `W + s B A` with PEFT's scaling, or whose numbers
+    are not valid, naming the entry."""
+    where = f"{who}: {ADAPTER_CONFIG}"
+    if adapter_config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{where}: adapter is {adapter_config.get('peft_type')!r}; only plain LoRA experts can be routed."
+        )
+    for key, plain_values in PLAIN_LORA.items():
+        if adapter_config.get(key) not in plain_values:
+            raise ValueError(f"{where} sets {key}={adapter_config[key]!r}; only plain LoRA experts can be routed.")
+    init = adapter_config.get("init_lora_weights", True)
+    if not any(init is plain or (isinstance(init, str) and init == plain) for plain in PLAIN_INITS):
+        raise ValueError(
+            f"{where} sets init_lora_weights={init!r}: an adapter initialised this way and saved without conversion "
+            "is relative to a rewritten base weight, not W + s B A on the base. Save it with PEFT's "
+            "`path_initial_model_for_weight_conversion` (which makes it a plain LoRA) and use that."
+        )
+    if not isinstance(adapter_config.get("use_rslora", False), bool):
+        raise ValueError(f"{where}: use_rslora must be true or false, got {adapter_config['use_rslora']!r}.")
+    if not is_positive_number(adapter_config.get("r", 8), integer=True):
+        raise ValueError(f"{where}: r must be a positive integer, got {adapter_config['r']!r}.")
+    if not is_positive_number(adapter_config.get("lora_alpha", 8)):
+        raise ValueError(f"{where}: lora_alpha must be a finite number > 0, got {adapter_config['lora_alpha']!r}.")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = adapter_config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{where}: {key} must be an object, got {pattern!r}.")
+        for module, value in pattern.items():
+            try:
+                re.compile(module)  # a PEFT pattern is a regular expression
+            except re.error as error:
+                raise ValueError(
+                    f"{where}: {key} key {module!r} is not a valid regular expression ({error})."
+                ) from None
+            if not is_positive_number(value, integer):
+                kind = "a positive integer" if integer else "a finite number > 0"
+                raise ValueError(f"{where}: {key}[{module!r}] must be {kind}, got {value!r}.")
 
 
 @dataclass
@@ -91,8 +162,10 @@ def read_json_object(path: Path, who: str) -> dict:
 def read_expert_meta(directory: Path, who: str) -> dict:
     """An expert's `glider_expert.json`, which must name it."""
     meta = read_json_object(directory / EXPERT_CONFIG, who)
-    if not isinstance(meta.get("name"), str) or not meta["name"]:
-        raise ValueError(f"{who}: {EXPERT_CONFIG} needs a non-empty string 'name'.")
+    check_name(meta.get("name"), f"{who}: {EXPERT_CONFIG} 'name'")
+    for key in ("instruction", "embedding_model", "source"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ValueError(f"{who}: {EXPERT_CONFIG} '{key}' must be a string, got {meta[key]!r}.")
     return meta
 
 
@@ -140,22 +213,14 @@ def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
     if not directory.is_dir():
         raise FileNotFoundError(f"{who}: no such directory.")
     if name is not None and not (directory / EXPERT_CONFIG).exists():
-        meta = {"name": name}
+        meta = {"name": check_name(name, who)}
     else:
         meta = read_expert_meta(directory, who)
     name = meta["name"]
     who = f"Expert {name!r} ({spec})"
 
     adapter_config = read_json_object(directory / ADAPTER_CONFIG, who)
-    if adapter_config.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{who}: adapter is {adapter_config.get('peft_type')!r}, but only plain LoRA experts can be routed."
-        )
-    for key, plain_values in PLAIN_LORA.items():
-        if adapter_config.get(key) not in plain_values:
-            raise ValueError(
-                f"{who}: adapter_config.json sets {key}={adapter_config[key]!r}; only plain LoRA experts can be routed."
-            )
+    check_adapter_config(adapter_config, who)
 
     lora_A, lora_B = {}, {}
     for key, tensor in _read_safetensors(directory / ADAPTER_WEIGHTS, who).items():
@@ -375,8 +440,27 @@ def _check_base_names(experts: list[Expert]) -> None:
         warnings.warn(f"The experts' adapters name different base models: {claimed}.", stacklevel=3)
 
 
+# GliderConfig fields a build derives from the experts' files, which no keyword may override
+DERIVED_FIELDS = ("experts", "instruction_embedding_dim")
+BUILDER_ARGUMENTS = ("top_k", "global_routing_scale")
+
+
+def check_config_overrides(overrides: dict, caller: str) -> None:
+    """Refuse keywords that are not `GliderConfig` fields (a typo would otherwise be kept as an unused attribute),
+    suggesting the closest name, and fields a build derives from the experts."""
+    known = [f.name for f in fields(GliderConfig)]
+    for key in overrides:
+        if key in DERIVED_FIELDS:
+            raise TypeError(f"{caller}() cannot set {key!r}: it is derived from the experts' files.")
+        if key not in known:
+            close = difflib.get_close_matches(key, [*BUILDER_ARGUMENTS, *known], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; keywords are GliderConfig fields."
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}{hint}")
+
+
 def build_glider_model(cls, base, expert_dirs: list, **config_fields):
     """See `GliderT5ForConditionalGeneration.from_experts`."""
+    check_config_overrides(config_fields, "from_experts")
     if isinstance(expert_dirs, (str, os.PathLike)) or not expert_dirs:
         raise ValueError("experts must be a non-empty list of expert directories.")
     experts = [load_expert(d) for d in tqdm(expert_dirs, desc="Reading experts", disable=len(expert_dirs) < 8)]

@@ -10,6 +10,7 @@ one bad reply. `embed_query_instructions` turns queries into instruction embeddi
 instruction a row of zeros, which the model reads as "no global term": that query is routed locally only.
 """
 
+import math
 import os
 import queue
 import re
@@ -36,6 +37,19 @@ Sample = str | dict
 
 class InstructionFallbackWarning(UserWarning):
     """An instruction could not be written for a query, which is therefore routed by the local routers only."""
+
+
+def check_count(owner: str, name: str, value, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{owner}: {name} must be an integer >= {least}, got {value!r}.")
+
+
+def check_seconds(owner: str, name: str, value, zero: bool = False) -> None:
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not valid or value < 0 or (value == 0 and not zero):
+        raise ValueError(
+            f"{owner}: {name} must be a finite number of seconds {'>=' if zero else '>'} 0, got {value!r}."
+        )
 
 
 def format_sample(sample: Sample, max_chars: int = 2000) -> str:
@@ -134,6 +148,11 @@ class TransformersInstructionGenerator(InstructionGenerator):
     ):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+        owner = "TransformersInstructionGenerator"
+        for option, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                              ("max_sample_chars", max_sample_chars)):  # fmt: skip
+            check_count(owner, option, value)
+        check_seconds(owner, "max_time", max_time)
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
             is_seq2seq = getattr(AutoConfig.from_pretrained(model), "is_encoder_decoder", False)
@@ -225,8 +244,15 @@ class EndpointInstructionGenerator(InstructionGenerator):
     ):
         from huggingface_hub import InferenceClient
 
-        if max_retries < 0 or timeout <= 0:
-            raise ValueError(f"Need timeout > 0 and max_retries >= 0, got {timeout} and {max_retries}.")
+        owner = "EndpointInstructionGenerator"
+        for option, value in (("max_tokens", max_tokens), ("max_workers", max_workers),
+                              ("max_sample_chars", max_sample_chars)):  # fmt: skip
+            check_count(owner, option, value)
+        check_count(owner, "max_retries", max_retries, least=0)
+        check_seconds(owner, "timeout", timeout)
+        check_seconds(owner, "retry_backoff", retry_backoff, zero=True)
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"EndpointInstructionGenerator: base_url must be an http(s):// URL, got {base_url!r}.")
         self.base_url, self.model = base_url, model
         # Without a key, huggingface_hub would send the user's Hugging Face token to this (possibly foreign) server.
         self.client = InferenceClient(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout)

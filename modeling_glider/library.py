@@ -10,7 +10,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from .experts import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, resolve_expert_dir
+from .experts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EXPERT_CONFIG,
+    check_config_overrides,
+    check_name,
+    resolve_expert_dir,
+)
 from .modeling_glider import GliderT5ForConditionalGeneration
 from .staging import publish, staging_dir
 
@@ -27,8 +34,8 @@ def expert_specs(specs: Sequence[str | os.PathLike], staging: Path) -> list[str 
     for spec in specs:
         directory = resolve_expert_dir(spec)
         if not (directory / EXPERT_CONFIG).exists() and (directory / ADAPTER_CONFIG).exists():
-            name = Path(str(spec).partition("@")[0]).name
-            expert = staging / f"{len(resolved)}-{name}"
+            name = check_name(Path(str(spec).partition("@")[0]).name, f"Adapter {spec}")
+            expert = staging / str(len(resolved))  # the folder name is the index: two adapters may share a name
             expert.mkdir(parents=True)
             for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 if (directory / file).exists():
@@ -51,6 +58,9 @@ def build_library(
     """Build a GliderT5 from `base` and `experts` (see `expert_specs`) and save it, with the base's tokenizer (or
     `tokenizer`) when there is one, at `output_dir`, which must not exist or be empty: the folder appears complete,
     or not at all. `config_overrides` are `GliderConfig` fields (`global_routing_scale`, `local_router`, ...)."""
+    if "router_top_k" in config_overrides:
+        raise TypeError("build_library() takes the number of experts per token as top_k=, not router_top_k=.")
+    check_config_overrides(config_overrides, "build_library")
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} already exists and is not an empty folder.")

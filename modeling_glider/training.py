@@ -9,6 +9,7 @@ unless one is passed.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -35,7 +36,9 @@ from configuration_glider.configuration_glider import matches_pattern
 from .experts import (
     EXPERT_CONFIG,
     _check_against_base,
+    check_name,
     expert_lora_scalings,
+    is_positive_number,
     load_base,
     load_expert,
     read_expert_meta,
@@ -140,9 +143,17 @@ def _base_and_tokenizer(base, tokenizer) -> tuple[T5ForConditionalGeneration, Pr
 
 
 def _check_positive(**values) -> None:
+    """Refuse a non-positive, non-finite or non-numeric argument, naming it."""
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}.")
+        if not is_positive_number(value):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def _check_counts(**values) -> None:
+    """Refuse a count (steps, sizes, lengths) that is not an integer >= 1, naming it."""
+    for name, value in values.items():
+        if not is_positive_number(value, integer=True):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
 
 
 # Training
@@ -256,7 +267,11 @@ def train_gates(
     expert = load_expert(expert_dir, name=name or expert_dir.name)
     if has_metadata and name is not None and name != expert.name:
         raise ValueError(f"Expert {expert.name!r} ({expert_dir}) is already named {expert.name!r}, not {name!r}.")
-    _check_positive(steps=steps, learning_rate=learning_rate, batch_size=batch_size)
+    _check_counts(steps=steps, batch_size=batch_size, max_source_length=max_source_length,
+                  max_target_length=max_target_length)  # fmt: skip
+    _check_positive(learning_rate=learning_rate)
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a string, got {type(instruction).__name__}.")
     base, tokenizer = _base_and_tokenizer(base, tokenizer)
     linears = routable_linears(base)
     _check_against_base(expert, linears, base.config.name_or_path)
@@ -321,12 +336,24 @@ def train_expert(
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"Expert {name!r}: {output_dir} already exists and is not an empty folder.")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}.")
-    _check_positive(r=r, lora_alpha=lora_alpha, steps=steps, learning_rate=learning_rate, batch_size=batch_size)
+    check_name(name, "train_expert: name")
+    if not isinstance(instruction, str):
+        raise TypeError(f"Expert {name!r}: instruction must be a string, got {type(instruction).__name__}.")
+    _check_counts(r=r, steps=steps, batch_size=batch_size, max_source_length=max_source_length,
+                  max_target_length=max_target_length)  # fmt: skip
+    _check_positive(lora_alpha=lora_alpha, learning_rate=learning_rate)
+    for option, value in (("warmup_ratio", warmup_ratio), ("lora_dropout", lora_dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{option} must be in [0, 1), got {value!r}.")
     if train_gates_after:
-        _check_positive(gate_steps=gate_steps, gate_learning_rate=gate_learning_rate)
+        _check_counts(gate_steps=gate_steps)
+        _check_positive(gate_learning_rate=gate_learning_rate)
     base, tokenizer = _base_and_tokenizer(base, tokenizer)
+    for target in target_modules:
+        try:
+            re.compile(target)  # PEFT reads each as a regular expression
+        except (re.error, TypeError) as error:
+            raise ValueError(f"target_modules entry {target!r} is not a valid regular expression ({error}).") from None
     linears = list(routable_linears(base))
     targets = [t for t in target_modules if any(matches_pattern(t, path) for path in linears)]
     if not targets:

@@ -226,7 +226,7 @@ def test_converter_errors(peft_library, tmp_path):
         ([good], {"names": ["p3unknown"], "embeddings": tmp_path / "nomic_instruction_embedding.pt"}, ValueError,
          r"no entry for 'p3unknown'; some entries: \['p3agnews'"),
         ([good], {"instructions": tmp_path / "nope.json"}, FileNotFoundError, "nope.json"),
-        ([good], {"embedding_dim": 0}, ValueError, "embedding_dim must be >= 1"),
+        ([good], {"embedding_dim": 0}, ValueError, "embedding_dim must be an integer >= 1"),
     ]  # fmt: skip
     for checkpoints, kwargs, error, message in cases:
         with pytest.raises(error, match=message):

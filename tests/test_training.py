@@ -285,8 +285,8 @@ def test_train_gates_errors_write_nothing(tmp_path, word_tokenizer):
     small = word_base(seed=3, d_model=32)
     cases = [
         ({"data": tmp_path / "nope.jsonl"}, FileNotFoundError, "nope.jsonl"),
-        ({"steps": 0}, ValueError, "steps must be > 0"),
-        ({"learning_rate": -1.0}, ValueError, "learning_rate must be > 0"),
+        ({"steps": 0}, ValueError, "steps must be an integer >= 1"),
+        ({"learning_rate": -1.0}, ValueError, "learning_rate must be a finite number > 0"),
         ({"base": small}, ValueError, r"Expert 'fruit'.*was it made for another base model"),
         ({"tokenizer": None}, ValueError, "Pass tokenizer="),
         ({"name": "other"}, ValueError, "already named 'fruit'"),
@@ -315,8 +315,8 @@ def test_train_expert_errors_write_nothing(tmp_path, word_tokenizer):
     cases = [
         ({"output_dir": tmp_path / "taken"}, FileExistsError, "taken already exists"),
         ({"target_modules": ["lm_head", "wi"]}, ValueError, r"match no linear of the base; its linears: \['k', 'o'"),
-        ({"r": 0}, ValueError, "r must be > 0"),
-        ({"name": ""}, ValueError, "name must be a non-empty string"),
+        ({"r": 0}, ValueError, "r must be an integer >= 1"),
+        ({"name": ""}, ValueError, "name '' is not a non-empty string"),
         ({"data": []}, ValueError, "holds no examples"),
     ]
     for overrides, error, message in cases:
