@@ -1,10 +1,84 @@
 """The `glider` command line. Each subcommand lives with the code it drives; this file only wires them up."""
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
+from huggingface_hub.errors import HTTPError, StrictDataclassError
+from safetensors import SafetensorError
+
 from .embedding import DEFAULT_EMBEDDING_MODEL
+
+# What bad input, missing files and unreachable servers raise from this package and the libraries it drives: each is
+# reported in one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError,  # also json.JSONDecodeError, UnicodeDecodeError, huggingface_hub's validation errors
+    TypeError,
+    OSError,  # also FileNotFoundError, requests' errors, huggingface_hub's HTTP status errors
+    KeyError,
+    RuntimeError,
+    ImportError,
+    HTTPError,  # httpx2's connection and timeout errors, under huggingface_hub
+    SafetensorError,
+    StrictDataclassError,  # GliderConfig's field types
+    re.error,
+)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Parse errors in one line, `glider <command>: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def count(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def number(text: str, low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+           what: str = "a finite number") -> float:  # fmt: skip
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def finite(text: str) -> float:
+    return number(text)
+
+
+def positive(text: str) -> float:
+    return number(text, low=0, low_open=True, what="a finite number > 0")
+
+
+def fraction(text: str) -> float:
+    return number(text, low=0, high=1, low_open=True, what="a number in (0, 1]")
+
+
+def ratio(text: str) -> float:
+    return number(text, low=0, high=1, high_open=True, what="a number in [0, 1)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -91,17 +165,17 @@ def _add_training_arguments(command: argparse.ArgumentParser, steps: int) -> Non
     command.add_argument("--base", required=True, help="The base T5: Hub id or folder.")
     command.add_argument("--data", required=True, help='JSONL file of {"input": ..., "target": ...} objects.')
     command.add_argument("--tokenizer", help="Tokenizer (default: the base's).")
-    command.add_argument("--steps", type=int, default=steps, help="Optimizer steps (default: %(default)s).")
+    command.add_argument("--steps", type=count, default=steps, help="Optimizer steps (default: %(default)s).")
     command.add_argument(
-        "--learning-rate", type=float, default=5e-3, help="AdamW learning rate (default: %(default)s)."
+        "--learning-rate", type=positive, default=5e-3, help="AdamW learning rate (default: %(default)s)."
     )
     command.add_argument(
-        "--batch-size", type=int, default=8, help="Examples per device and step (default: %(default)s)."
+        "--batch-size", type=count, default=8, help="Examples per device and step (default: %(default)s)."
     )
-    command.add_argument("--gradient-accumulation-steps", type=int, default=1, help="(default: %(default)s)")
-    command.add_argument("--max-source-length", type=int, default=512, help="(default: %(default)s)")
-    command.add_argument("--max-target-length", type=int, default=128, help="(default: %(default)s)")
-    command.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    command.add_argument("--gradient-accumulation-steps", type=count, default=1, help="(default: %(default)s)")
+    command.add_argument("--max-source-length", type=count, default=512, help="(default: %(default)s)")
+    command.add_argument("--max-target-length", type=count, default=128, help="(default: %(default)s)")
+    command.add_argument("--seed", type=integer, default=42, help="(default: %(default)s)")
     command.add_argument("--bf16", action="store_true", help="bf16 mixed precision.")
 
 
@@ -110,7 +184,9 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
     for value in values or []:
         name, sep, rest = value.partition("=")
         if not sep or not name:
-            raise SystemExit(f"glider: {option} takes NAME=VALUE, got {value!r}.")
+            raise ValueError(f"{option} takes NAME=VALUE, got {value!r}.")
+        if name in pairs:
+            raise ValueError(f"{option} gives {name!r} twice.")
         pairs[name] = rest
     return pairs
 
@@ -161,14 +237,21 @@ def _push(args: argparse.Namespace) -> int:
         commit_message=args.message,
         eval_results=args.eval_results,
         license=args.license,
-        model_card=None if args.card is None else Path(args.card).read_text(encoding="utf-8"),
+        model_card=None if args.card is None else _read_card(Path(args.card)),
     )
     print(f"Pushed {args.folder} to {args.repo_id}: {commit.commit_url}")
     return 0
 
 
+def _read_card(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--card {path}: not UTF-8 text ({error}).") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glider", description="GLIDER: one routed T5 from a library of LoRA experts.")
+    parser = ArgumentParser(prog="glider", description="GLIDER: one routed T5 from a library of LoRA experts.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -186,12 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     build.add_argument("--out", required=True, help="Folder for the saved model (must not exist or be empty).")
     build.add_argument("--tokenizer", help="Tokenizer to save with the model (default: the base's, if it has one).")
-    build.add_argument("--top-k", type=int, default=2, help="Experts per token and linear (default: %(default)s).")
-    build.add_argument("--top-p", type=float, help="Also keep only the experts within this probability mass.")
-    build.add_argument("--global-routing-scale", type=float, help="alpha of the global router (default: 100).")
+    build.add_argument("--top-k", type=count, default=2, help="Experts per token and linear (default: %(default)s).")
+    build.add_argument("--top-p", type=fraction, help="Also keep only the experts within this probability mass.")
+    build.add_argument("--global-routing-scale", type=finite, help="alpha of the global router (default: 100).")
     build.add_argument("--local-router", choices=["phatgoose", "arrow"], default="phatgoose",
                        help="Trained Phatgoose gates, or training-free Arrow prototypes (default: %(default)s).")  # fmt: skip
-    build.add_argument("--arrow-temperature", type=float, default=10.0, help="T of Arrow (default: %(default)s).")
+    build.add_argument("--arrow-temperature", type=positive, default=10.0, help="T of Arrow (default: %(default)s).")
     build.set_defaults(run=_build)
 
     gates = commands.add_parser("train-gates", help="Train the Phatgoose gates of one LoRA expert on its task data.")
@@ -206,16 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_argument("--out", required=True, help="The new expert directory (must not exist or be empty).")
     expert.add_argument("--name", required=True, help="The expert's name.")
     expert.add_argument("--instruction", default="", help="The expert's task instruction.")
-    expert.add_argument("--r", type=int, default=16, help="LoRA rank (default: %(default)s).")
+    expert.add_argument("--r", type=count, default=16, help="LoRA rank (default: %(default)s).")
     expert.add_argument(
-        "--lora-alpha", type=float, default=1.0, help="LoRA alpha; scaling alpha/r (default: %(default)s)."
+        "--lora-alpha", type=positive, default=1.0, help="LoRA alpha; scaling alpha/r (default: %(default)s)."
     )
     expert.add_argument("--target-modules", nargs="+", default=["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
                         help="PEFT target modules (default: every linear of every block).")  # fmt: skip
-    expert.add_argument("--warmup-ratio", type=float, default=0.06, help="(default: %(default)s)")
+    expert.add_argument("--warmup-ratio", type=ratio, default=0.06, help="(default: %(default)s)")
     expert.add_argument("--no-gates", action="store_true", help="Skip gate training (Arrow needs none).")
-    expert.add_argument("--gate-steps", type=int, default=100, help="(default: %(default)s)")
-    expert.add_argument("--gate-learning-rate", type=float, default=5e-3, help="(default: %(default)s)")
+    expert.add_argument("--gate-steps", type=count, default=100, help="(default: %(default)s)")
+    expert.add_argument("--gate-learning-rate", type=positive, default=5e-3, help="(default: %(default)s)")
     expert.set_defaults(run=_train_expert)
 
     convert = commands.add_parser(
@@ -229,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--embeddings", help="torch.save'd {task: tensor} instruction embeddings.")
     convert.add_argument("--instructions", help="JSON {task: text or [texts]}.")
     convert.add_argument("--embedding-model", help="Name of the model that embedded the instructions.")
-    convert.add_argument("--embedding-dim", type=int, help="Keep only the first N embedding values (Matryoshka).")
-    convert.add_argument("--lora-alpha", type=float, default=1.0, help="1 reproduces their 1/r scaling (default).")
+    convert.add_argument("--embedding-dim", type=count, help="Keep only the first N embedding values (Matryoshka).")
+    convert.add_argument("--lora-alpha", type=positive, default=1.0, help="1 reproduces their 1/r scaling (default).")
     convert.add_argument("--base", help="Base T5 (Hub id or folder; only its config is read) to check shapes against.")
     convert.add_argument("--base-name", help="base_model_name_or_path to record in the adapters.")
     convert.add_argument("--no-gates", action="store_true", help="Ignore the files' gates (e.g. Arrow checkpoints).")
@@ -248,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--generator", help="Writes instructions from samples: an OpenAI-compatible URL (URL#model) or a local model."
     )
     describe.add_argument("--embedder", default=DEFAULT_EMBEDDING_MODEL, help="Embedding model (default: %(default)s).")
-    describe.add_argument("-k", type=int, default=3, help="Samples shown per expert (default: %(default)s).")
-    describe.add_argument("--seed", type=int, default=0, help="Seed of the sample choice (default: %(default)s).")
+    describe.add_argument("-k", type=count, default=3, help="Samples shown per expert (default: %(default)s).")
+    describe.add_argument("--seed", type=integer, default=0, help="Seed of the sample choice (default: %(default)s).")
     describe.set_defaults(run=_describe_experts)
 
     generate = commands.add_parser("generate", help="Answer queries with a saved GliderT5 and show the experts used.")
@@ -262,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="'query' (the query is its instruction), 'none', an OpenAI-compatible URL (URL#model) or a local model.",
     )
     generate.add_argument("--embedder", help="Embedding model (default: the one the experts were embedded with).")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--num-beams", type=int, default=1)
+    generate.add_argument("--max-new-tokens", type=count, default=64)
+    generate.add_argument("--num-beams", type=count, default=1)
     generate.set_defaults(run=_generate)
 
     push = commands.add_parser("push", help="Push a saved GliderT5 folder to the Hub, with a generated model card.")
@@ -281,11 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a parse error already reported in one line
+        return exit.code
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError) as error:  # bad input: the message names the culprit
-        print(f"glider {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"glider {args.command}: error: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:  # the message names the culprit; one line, however the library wrote it
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        print(f"glider {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -26,12 +26,12 @@ import warnings
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
 from configuration_glider import GliderConfig
 from hub_cards import card_template
 
-from .modeling_glider import code_files
+from .packaging import code_files
 
 CARD = "README.md"
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -270,6 +270,10 @@ def push_folder(
             hint = " The Hub refused the token: pass token=, set HF_TOKEN or run `hf auth login`."
         error.append_to_message(f"\n\nPushing to {repo_id} failed; no local file was changed.{hint}")
         raise
+    except HTTPError as error:  # no answer: connection refused, timeouts, DNS
+        raise ConnectionError(
+            f"Pushing to {repo_id} at {api.endpoint} failed ({type(error).__name__}: {error}); no local file was changed."
+        ) from error
 
 
 def push_model(

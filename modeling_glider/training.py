@@ -348,12 +348,12 @@ def train_expert(
     if train_gates_after:
         _check_counts(gate_steps=gate_steps)
         _check_positive(gate_learning_rate=gate_learning_rate)
-    base, tokenizer = _base_and_tokenizer(base, tokenizer)
     for target in target_modules:
         try:
             re.compile(target)  # PEFT reads each as a regular expression
         except (re.error, TypeError) as error:
             raise ValueError(f"target_modules entry {target!r} is not a valid regular expression ({error}).") from None
+    base, tokenizer = _base_and_tokenizer(base, tokenizer)
     linears = list(routable_linears(base))
     targets = [t for t in target_modules if any(matches_pattern(t, path) for path in linears)]
     if not targets:
