@@ -68,9 +68,14 @@ def test_fast_linear_equals_dense_reference(top_k, top_p, use_global, tokens):
     with torch.no_grad():
         expected = run(linear, "dense", x, global_logits)
         weights, indices = linear.route(x, global_logits)
-        fast_weights, fast_indices = linear.fast_route(x, global_logits)
-        assert torch.equal(fast_indices, indices)
-        torch.testing.assert_close(fast_weights, weights, atol=1e-6, rtol=1e-6)
+        # the formula as written: softmax over every expert, top-k, top-p mass (the best kept), renormalise
+        probs = linear.routing_logits(x, global_logits).softmax(dim=-1)
+        expected_weights, expected_indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        if top_p is not None:
+            expected_weights = expected_weights * ((expected_weights.cumsum(-1) - expected_weights) < top_p)
+        expected_weights = expected_weights / expected_weights.sum(dim=-1, keepdim=True)
+        assert (indices == expected_indices).all()
+        torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-6)
         for implementation in FAST + ("auto",):
             torch.testing.assert_close(run(linear, implementation, x, global_logits), expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected, torch.nn.functional.linear(x, linear.weight), atol=1e-2)  # LoRA matters
