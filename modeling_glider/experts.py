@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import T5ForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from .routing import GliderLinear
+from .routing import GliderGlobalRouter, GliderLinear
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
     from .configuration_glider import GliderConfig
@@ -511,12 +511,25 @@ def remove_expert(model, name: str) -> None:
 
 def _set_library(model, experts: list[dict], tensors: dict, embeddings: torch.Tensor | None) -> None:
     """Install a new expert list: in the model's config and its encoder's and decoder's copies, in every routed
-    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router."""
-    for config in (model.config, model.encoder.config, model.decoder.config):
-        config.experts = list(experts)
-    with torch.no_grad():
-        for path, module in model.named_modules():
-            if isinstance(module, GliderLinear):
-                module.set_experts(tensors[path])
-        if embeddings is not None:
-            model.global_router.expert_embeddings = embeddings
+    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router. All or nothing: if
+    anything fails on the way (memory, an interrupt), every module and config is put back as it was."""
+    configs = (model.config, model.encoder.config, model.decoder.config)
+    modules = [m for m in model.modules() if isinstance(m, (GliderLinear, GliderGlobalRouter))]
+    saved_configs = [c.experts for c in configs]
+    saved_modules = [{**m.__dict__, "_parameters": dict(m._parameters), "_buffers": dict(m._buffers)} for m in modules]
+    try:
+        for config in configs:
+            config.describe_model(experts)
+        with torch.no_grad():
+            for path, module in model.named_modules():
+                if isinstance(module, GliderLinear):
+                    module.set_experts(tensors[path])
+            if embeddings is not None:
+                model.global_router.expert_embeddings = embeddings
+    except BaseException:
+        for config, saved in zip(configs, saved_configs):
+            config.describe_model(saved)
+        for module, saved in zip(modules, saved_modules):
+            module.__dict__.clear()
+            module.__dict__.update(saved)
+        raise

@@ -127,15 +127,12 @@ def test_routing_usage_ignores_padding_and_finished_rows(model):
     common = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_routing=True, return_dict_in_generate=True)
     first = model.generate(input_ids=rows[0][None], instruction_embeddings=u[:1], **common).sequences
     eos = int(first[0, 3])  # row 0 ends after three tokens (unless the others emit it earlier)
-    # the random model rarely emits its own EOS: make that token the decoder's EOS for this test
-    eos_before, model.decoder.config.eos_token_id = model.decoder.config.eos_token_id, eos
-    try:
-        common["eos_token_id"] = eos
-        singles = [model.generate(input_ids=r[None], instruction_embeddings=e[None], **common) for r, e in zip(rows, u)]
-        ids, mask = pad(rows)
-        batched = model.generate(input_ids=ids, attention_mask=mask, instruction_embeddings=u, **common)
-    finally:
-        model.decoder.config.eos_token_id = eos_before
+    # the random model rarely emits its own EOS: this call's eos_token_id is the one it will emit (the config's differs)
+    assert eos != model.config.eos_token_id
+    common["eos_token_id"] = eos
+    singles = [model.generate(input_ids=r[None], instruction_embeddings=e[None], **common) for r, e in zip(rows, u)]
+    ids, mask = pad(rows)
+    batched = model.generate(input_ids=ids, attention_mask=mask, instruction_embeddings=u, **common)
     assert min(s.sequences.shape[1] for s in singles) < batched.sequences.shape[1]  # some row ran past its end
     usage = batched.routing.expert_usage(num_experts=3, batch_size=len(rows))
     for i, single in enumerate(singles):
