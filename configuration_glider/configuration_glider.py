@@ -56,22 +56,34 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
-class ReadOnlyDict(dict):
-    """An expert's description in the config: read-only, since the model's tensors and scalings were made from it."""
+class ExpertEntry(dict):
+    """An expert's description in the config. What fixes its tensors and scalings (name, target modules, ranks,
+    alphas) cannot change in place; its `instruction` and `source` texts may."""
 
     def _refuse(self, *args, **kwargs):
         raise TypeError(
-            "An expert's description cannot change in place (the model's tensors were made from it); use "
-            "add_expert / remove_expert, or build a new model."
+            "An expert's name, target modules, ranks and alphas cannot change in place (the model's tensors were made "
+            "from them); use add_expert / remove_expert, or build a new model."
         )
 
-    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
+    def __setitem__(self, key, value):
+        if key not in ("instruction", "source") or not isinstance(value, str):
+            self._refuse()
+        super().__setitem__(key, value)
+
+    __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
 
     def __reduce__(self):
-        return ReadOnlyDict, (dict(self),)
+        return type(self), (dict(self),)
 
     def __deepcopy__(self, memo):
-        return ReadOnlyDict(copy.deepcopy(dict(self), memo))
+        return type(self)(copy.deepcopy(dict(self), memo))
+
+
+class ReadOnlyDict(ExpertEntry):
+    """A rank or alpha pattern of an expert: read-only."""
+
+    __setitem__ = ExpertEntry._refuse
 
 
 def matches_pattern(pattern: str, module_path: str) -> bool:
@@ -254,7 +266,7 @@ class GliderConfig(T5Config):
         r = expert.get("r")
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"Expert {name!r}: 'r' must be a positive integer, got {r!r}.")
-        normalised = ReadOnlyDict(
+        normalised = ExpertEntry(
             name=name,
             instruction=expert.get("instruction") or "",
             source=expert.get("source") or "",

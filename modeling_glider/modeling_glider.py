@@ -521,6 +521,14 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             )
         return logits
 
+    def check_global_routing_logits(self, logits: torch.Tensor, batch: int | None) -> None:
+        """Precomputed global routing logits must be `[batch, num_experts]` and finite."""
+        expected = (batch, len(self.config.experts))
+        if logits.dim() != 2 or logits.shape[1] != expected[1] or (batch is not None and logits.shape[0] != batch):
+            raise ValueError(f"global_routing_logits must be [rows, experts] = {expected}, got {tuple(logits.shape)}.")
+        # checked on the device, without waiting for it (no host synchronisation at every decoding step)
+        torch._assert_async(torch.isfinite(logits).all(), "global_routing_logits hold NaN or inf")
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as T5ForConditionalGeneration.forward
     def forward(
@@ -555,15 +563,15 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             Append this call's routing to an existing record (how `generate` collects every step).
         """
         with self.library_lock.routing():  # the library cannot change while this call routes
+            encoder_states = encoder_outputs[0] if encoder_outputs is not None else None
+            inputs = (input_ids, inputs_embeds, encoder_states, decoder_input_ids, decoder_inputs_embeds, labels)
+            batch = next((t.shape[0] for t in inputs if t is not None), None)
             if instruction_embeddings is not None:
                 if global_routing_logits is not None:
                     raise ValueError("Pass instruction_embeddings or global_routing_logits, not both.")
-                encoder_states = encoder_outputs[0] if encoder_outputs is not None else None
-                inputs = (input_ids, inputs_embeds, encoder_states, decoder_input_ids, decoder_inputs_embeds, labels)
-                batch = next((t for t in inputs if t is not None), None)
-                global_routing_logits = self.global_routing_logits(
-                    instruction_embeddings, None if batch is None else batch.shape[0]
-                )
+                global_routing_logits = self.global_routing_logits(instruction_embeddings, batch)
+            elif global_routing_logits is not None:
+                self.check_global_routing_logits(global_routing_logits, batch)
             if output_routing and routing_record is None:
                 routing_record = RoutingRecord()
             outputs = super().forward(
@@ -607,11 +615,12 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
             record = RoutingRecord(ended_token_ids(kwargs.get("pad_token_id", generation_config.pad_token_id), eos))
         with self.library_lock.routing():  # the library cannot change while this call routes
+            batch = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            batch = None if batch is None else batch.shape[0]
             if instruction_embeddings is not None:
-                batch = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-                kwargs["global_routing_logits"] = self.global_routing_logits(
-                    instruction_embeddings, None if batch is None else batch.shape[0]
-                )
+                kwargs["global_routing_logits"] = self.global_routing_logits(instruction_embeddings, batch)
+            elif kwargs.get("global_routing_logits") is not None:
+                self.check_global_routing_logits(kwargs["global_routing_logits"], batch)
             outputs = super().generate(inputs, routing_record=record, **kwargs)
         if record is not None:
             outputs["routing"] = record

@@ -167,6 +167,10 @@ def test_expert_entries_cannot_change_in_place(library):
         model.config.experts[0]["lora_alpha"] = 16
     with pytest.raises(TypeError, match="cannot change in place"):
         model.config.experts[0]["rank_pattern"]["q"] = 2
+    with pytest.raises(TypeError, match="cannot change in place"):
+        model.config.experts[0].update(r=2)
+    model.config.experts[0]["source"] = "somewhere else"  # descriptive texts may change
+    assert model.config.to_dict()["experts"][0]["source"] == "somewhere else"
 
 
 # Knobs out of range, set on a loaded model's config: refused where they enter, the old value kept
@@ -352,3 +356,25 @@ def test_library_changes_while_threads_generate(library):
         options = (three[i % len(jobs)], four[i % len(jobs)])
         assert any(got.shape == o.shape and torch.equal(got, o) for o in options)
     assert model.config.expert_names == ["task0", "task1", "task2"]
+
+
+# Precomputed global routing logits: one row per query and a logit per expert, finite
+
+
+@pytest.mark.parametrize(
+    "logits, error, message",
+    [
+        (torch.zeros(1, 3), ValueError, r"global_routing_logits must be \[rows, experts\] = \(2, 3\)"),
+        (torch.zeros(2, 4), ValueError, r"global_routing_logits must be \[rows, experts\] = \(2, 3\)"),
+        (torch.zeros(2, 3, 1), ValueError, r"global_routing_logits must be"),
+        (torch.tensor([[0.0, math.nan, 0.0], [0.0, 0.0, 0.0]]), RuntimeError, r"global_routing_logits hold NaN or inf"),
+        (torch.tensor([[0.0, 0.0, 0.0], [math.inf, 0.0, 0.0]]), RuntimeError, r"global_routing_logits hold NaN or inf"),
+    ],
+)
+@torch.no_grad()
+def test_bad_global_routing_logits_are_refused(library, logits, error, message):
+    model, batch = build(library), local_only(inputs())
+    with pytest.raises(error, match=message):
+        model(**batch, global_routing_logits=logits)
+    with pytest.raises(error, match=message):
+        model.generate(input_ids=batch["input_ids"], global_routing_logits=logits, max_new_tokens=2)
