@@ -158,8 +158,8 @@ def test_embedder_checks_in_the_pipeline(library, tokenizer, tmp_path):
         "text2text-generation", model=model, tokenizer=tokenizer, instruction_embedder="all-MiniLM-L6-v2"
     )
     assert top_expert(by_alias("What is 2 plus 2?", return_experts=True, **GENERATE)[0]) == "arithmetic"
-    unnamed = GliderT5ForConditionalGeneration.from_experts(make_base(seed=5), dirs)
-    unnamed.config.instruction_embedding_model = None  # a library embedded by an unknown model
+    # a library embedded by an unknown model
+    unnamed = GliderT5ForConditionalGeneration.from_experts(make_base(seed=5), dirs, instruction_embedding_model=None)
     unknown = pipeline("text2text-generation", model=unnamed, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="does not record which model embedded"):
         unknown("What is 2 plus 2?")
