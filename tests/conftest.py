@@ -145,7 +145,7 @@ def assert_decisive(out, num_beams: int = 1, eos_token_id: int | None = 1) -> No
         if num_beams == 1:
             ended = (out.sequences[:, 1 : step + 1] == eos_token_id).any(dim=-1)
             top = scores[~ended].topk(2, dim=-1).values
-            margins, scale = top[:, 0] - top[:, 1], scores.abs().max()
+            margins, scale = top[:, 0] - top[:, 1], scores[scores.isfinite()].abs().max()  # -inf: banned tokens
         else:
             batch, vocab = scores.shape[0] // num_beams, scores.shape[-1]
             if running is None:  # as generate() starts: one live beam per query
