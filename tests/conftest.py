@@ -143,7 +143,7 @@ def assert_decisive(out, num_beams: int = 1, eos_token_id: int | None = 1) -> No
     for step, scores in enumerate(out.scores):
         scores = scores.float()
         if num_beams == 1:
-            ended = (out.sequences[:, 1 : step + 1] == eos_token_id).any(dim=-1)
+            ended = (out.sequences[:, -len(out.scores) :][:, :step] == eos_token_id).any(dim=-1)  # generated ids
             top = scores[~ended].topk(2, dim=-1).values
             margins, scale = top[:, 0] - top[:, 1], scores[scores.isfinite()].abs().max()  # -inf: banned tokens
         else:
