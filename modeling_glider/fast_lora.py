@@ -39,9 +39,9 @@ def gathered_mixture_of_lora(
     lora_A, lora_B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.reshape(tokens, d_in)
     # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth reading
     # once; the product over the experts in use costs used/k times the per-token one, hence the cap. Finding them out
-    # takes a sort: skipped for few rows, which rarely share enough, and on accelerators, where `unique` would
-    # synchronise with the host at every linear.
-    if tokens >= 8 and x.device.type == "cpu":
+    # takes a sort: skipped for few rows, which rarely share enough, and on accelerators and in compiled graphs, where
+    # `unique` would synchronise with the host at every linear (its output's size depends on the data).
+    if tokens >= 8 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         experts, slot = flat.unique(return_inverse=True)
         used = experts.numel()
         if 2 * used <= flat.numel() and used <= 5 * k:

@@ -18,7 +18,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,8 +377,12 @@ class LibraryLock:
     def __reduce__(self):  # copies and pickles of a model get a lock of their own
         return LibraryLock, ()
 
-    @contextmanager
     def routing(self):
+        # A compiled graph cannot wait on a lock: compiled calls route without it (change the library between them).
+        return nullcontext() if torch.compiler.is_compiling() else self._routing()
+
+    @contextmanager
+    def _routing(self):
         depth = getattr(self.local, "depth", 0)
         if depth == 0:
             with self.condition:
