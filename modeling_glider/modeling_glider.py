@@ -47,6 +47,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .pipeline_glider import register_text2text_generation_pipeline
 from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord
+from .staging import all_but_weights, replaced_folder
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
     from .configuration_glider import GliderConfig
@@ -634,17 +635,37 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         """`PreTrainedModel.save_pretrained`, plus this model's code saved flat beside the weights, so that the
         folder (or a Hub repo made from it) loads with `trust_remote_code=True` where the package is not installed.
 
+        All or nothing: the model is written in full into a new folder beside `save_directory`, which then takes its
+        place (see `staging.replaced_folder`); files saved there before by others (a tokenizer, say) are kept, weight
+        files of an earlier save are not. A kill while writing leaves the old model, whole; a kill after, the new one.
+        Only in the instant between the two renames of the swap is the folder missing: the old one is then whole in
+        `.<name>.<random>.old` beside it, and the next save there says so. A folder that cannot be renamed (a mount
+        point, the working directory) gets its files replaced one by one instead, each by a rename: never a half
+        written file. Other ranks of a distributed run (`is_main_process=False`) and `distributed_checkpoint=True`,
+        where every rank writes its own files, write in place as in Transformers.
+
         With `push_to_hub=True` the complete folder is pushed once it is written (see `push_to_hub`); `repo_id`
         defaults to the folder's name.
         """
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
-        super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub=False, **kwargs)
-        if not is_main_process:
-            return
-        for source in code_files():
-            shutil.copyfile(source, Path(save_directory) / source.name)
-        if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+        target = Path(save_directory)
+        if target.is_file():
+            raise NotADirectoryError(f"save_pretrained needs a folder; {target} is a file.")
+        if not is_main_process or kwargs.get("distributed_checkpoint"):
+            super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub=False, **kwargs)
+            wrote = is_main_process
+            if wrote:
+                for source in code_files():
+                    shutil.copyfile(source, target / source.name)
+        else:
+            with replaced_folder(target, keep=all_but_weights(kwargs.get("variant"))) as staging:
+                super().save_pretrained(staging, is_main_process, state_dict, push_to_hub=False, **kwargs)
+                wrote = any(staging.iterdir())  # nothing on the later ranks of a torch.distributed run
+                if wrote:
+                    for source in code_files():
+                        shutil.copyfile(source, staging / source.name)
+        if push_to_hub and wrote:
+            repo_id = hub_kwargs.pop("repo_id", target.name)
             _hub().push_folder(save_directory, repo_id, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, *, tokenizer=None, max_shard_size: int | str = "50GB", **push_kwargs):
@@ -738,6 +759,7 @@ def code_files() -> list[Path]:
         "pipeline_glider.py",
         "embedding.py",
         "instructions.py",
+        "staging.py",
     )
     return [Path(inspect.getfile(GliderConfig))] + [here / name for name in names]
 
