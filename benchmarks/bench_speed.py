@@ -17,8 +17,8 @@ Workloads: `forward` (inputs of `encoder_length` tokens and one decoder token: t
 `beam` generation of exactly `new_tokens` tokens. Each timing is the median of `repeats` runs, the systems
 interleaved within each repeat so that drift of a shared machine hits all alike.
 
-Memory: `weights` is the bytes of each system's parameters and buffers, plus GliderT5's normalised gates kept between
-calls (shared tensors counted for every system that uses them, as if it were alone); `call peak` is the growth of the process's resident set (Linux VmHWM, reset through
+Memory: `weights` is the bytes of each system's parameters and buffers (shared tensors counted for every system that
+uses them, as if it were alone); `call peak` is the growth of the process's resident set (Linux VmHWM, reset through
 /proc/self/clear_refs after `malloc_trim`) during one run of the workload; `peak = weights + call peak`.
 """
 
@@ -257,9 +257,8 @@ def call_peak_mib(fn) -> float | None:
 
 
 def tensor_mib(model) -> float:
-    """Parameters, buffers and GliderLinear's reused normalised gates (kept between calls, so counted as weights)."""
-    cached = [m._normalised_gates[2] for m in model.modules() if getattr(m, "_normalised_gates", None) is not None]
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers(), *cached]}
+    """Parameters and buffers."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
@@ -383,7 +382,7 @@ def markdown(report: dict) -> str:
         lines += [f"| {k} | {v:.2f} |" for k, v in summary["growth"].items()]
     lines += [
         "",
-        "Memory: parameter and buffer bytes of each system, plus GliderT5's normalised gates kept between calls "
+        "Memory: parameter and buffer bytes of each system "
         "(shared tensors counted for each system) + the growth of "
         "the process's resident set during one run (VmHWM after clear_refs).",
         "",

@@ -1,6 +1,7 @@
 """GliderT5 configuration: a T5 config plus every routing knob and the description of the expert library."""
 
 import copy
+import json
 import math
 import re
 import sys
@@ -24,6 +25,20 @@ CUSTOM_PIPELINES = {
 LOCAL_ROUTERS = ("phatgoose", "arrow")
 GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
 LORA_IMPLEMENTATIONS = ("auto", "dense", "gather", "grouped")
+# Routing knobs may change at any time (each assignment is checked); the library fields describe the tensors of a
+# built model and are fixed on it.
+ROUTING_KNOBS = (
+    "router_top_k",
+    "router_top_p",
+    "global_routing_scale",
+    "global_routing_policy",
+    "global_routing_threshold",
+    "global_routing_scale_unmatched",
+    "arrow_temperature",
+    "lora_implementation",
+)
+LIBRARY_FIELDS = ("experts", "local_router", "instruction_embedding_dim", "instruction_embedding_model")
+_UNSET = object()
 EXPERT_KEYS = (
     "name",
     "instruction",
@@ -35,6 +50,40 @@ EXPERT_KEYS = (
     "rank_pattern",
     "alpha_pattern",
 )
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+class ExpertEntry(dict):
+    """An expert's description in the config. What fixes its tensors and scalings (name, target modules, ranks,
+    alphas) cannot change in place; its `instruction` and `source` texts may."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            "An expert's name, target modules, ranks and alphas cannot change in place (the model's tensors were made "
+            "from them); use add_expert / remove_expert, or build a new model."
+        )
+
+    def __setitem__(self, key, value):
+        if key not in ("instruction", "source") or not isinstance(value, str):
+            self._refuse()
+        super().__setitem__(key, value)
+
+    __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):
+        return type(self), (dict(self),)
+
+    def __deepcopy__(self, memo):
+        return type(self)(copy.deepcopy(dict(self), memo))
+
+
+class ReadOnlyDict(ExpertEntry):
+    """A rank or alpha pattern of an expert: read-only."""
+
+    __setitem__ = ExpertEntry._refuse
 
 
 def matches_pattern(pattern: str, module_path: str) -> bool:
@@ -71,7 +120,10 @@ class GliderConfig(T5Config):
     global_routing_scale_unmatched (`float`, defaults to 3.0):
         alpha for a query that matches no known expert (threshold policy only).
     local_router (`str`, defaults to `"phatgoose"`):
-        `"phatgoose"`: `LN(x) . LN(v_e) / sqrt(d_in)`; `"arrow"`: `|x . v_e| / arrow_temperature`.
+        `"phatgoose"`: `LN(x) . LN(v_e) / sqrt(d_in)`; `"arrow"`: `|x . v_e| / arrow_temperature`. Says what the
+        `router_gate` tensors hold (Phatgoose gates or Arrow prototypes), so, like `experts`,
+        `instruction_embedding_dim` and `instruction_embedding_model`, it is fixed once a model is built from the
+        config; the routing knobs may change at any time, and every assignment is checked.
     arrow_temperature (`float`, defaults to 10.0):
         Temperature T of Arrow's local logits.
     instruction_embedding_dim (`int`, *optional*):
@@ -108,18 +160,24 @@ class GliderConfig(T5Config):
     def __post_init__(self, **kwargs):
         kwargs.pop("custom_pipelines", None)  # a constant of this class, see `custom_pipelines`
         kwargs.pop("auto_map", None)
-        self.experts = [self._normalise_expert(i, e) for i, e in enumerate(self.experts or [])]
-        names = [e["name"] for e in self.experts]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"Duplicate expert names: {duplicates}. Every expert needs its own name.")
-        if not isinstance(self.router_top_k, int) or self.router_top_k < 1:
+        self.experts = self.normalise_experts(self.experts or [])
+        self.check_routing_knobs()
+        if self.local_router not in LOCAL_ROUTERS:
+            raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
+        if self.instruction_embedding_dim is not None and self.instruction_embedding_dim < 1:
+            raise ValueError(f"instruction_embedding_dim must be >= 1, got {self.instruction_embedding_dim!r}.")
+        super().__post_init__(**kwargs)
+        self.auto_map = AUTO_MAP
+
+    def check_routing_knobs(self) -> None:
+        """Refuse routing knobs that cannot give a right answer; runs at construction and on every assignment."""
+        if isinstance(self.router_top_k, bool) or not isinstance(self.router_top_k, int) or self.router_top_k < 1:
             raise ValueError(f"router_top_k (top_k) must be an integer >= 1, got {self.router_top_k!r}.")
         if self.experts and self.router_top_k > len(self.experts):
             raise ValueError(
                 f"router_top_k (top_k) = {self.router_top_k} exceeds the number of experts ({len(self.experts)})."
             )
-        if self.router_top_p is not None and not 0.0 < self.router_top_p <= 1.0:
+        if self.router_top_p is not None and not 0.0 < self.router_top_p <= 1.0:  # NaN fails too
             raise ValueError(f"router_top_p (top_p) must be in (0, 1], got {self.router_top_p!r}.")
         for name in ("global_routing_scale", "global_routing_scale_unmatched", "global_routing_threshold"):
             if not math.isfinite(getattr(self, name)):
@@ -132,22 +190,71 @@ class GliderConfig(T5Config):
             raise ValueError(
                 f"global_routing_threshold is a cosine similarity in [-1, 1], got {self.global_routing_threshold!r}."
             )
-        if self.local_router not in LOCAL_ROUTERS:
-            raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
         if self.lora_implementation not in LORA_IMPLEMENTATIONS:
             raise ValueError(
                 f"lora_implementation must be one of {LORA_IMPLEMENTATIONS}, got {self.lora_implementation!r}."
             )
-        if not self.arrow_temperature > 0:
-            raise ValueError(f"arrow_temperature must be > 0, got {self.arrow_temperature!r}.")
-        if self.instruction_embedding_dim is not None and self.instruction_embedding_dim < 1:
-            raise ValueError(f"instruction_embedding_dim must be >= 1, got {self.instruction_embedding_dim!r}.")
-        super().__post_init__(**kwargs)
-        self.auto_map = AUTO_MAP
+        if not (0 < self.arrow_temperature < math.inf):
+            raise ValueError(f"arrow_temperature must be > 0 and finite, got {self.arrow_temperature!r}.")
+
+    def __setattr__(self, name, value):
+        # A built model's tensors were made for its library fields: changing one would route silently wrong.
+        if name in LIBRARY_FIELDS and self.__dict__.get("_describes_model") and value != getattr(self, name):
+            raise ValueError(
+                f"{name} describes the tensors of a built GliderT5 and cannot change on it (from "
+                f"{getattr(self, name)!r} to {value!r}). Use add_expert / remove_expert, or build a new model "
+                f"with from_experts(..., {name}=...)."
+            )
+        previous = self.__dict__.get(name, _UNSET)
+        super().__setattr__(name, value)
+        if name in ROUTING_KNOBS and self.__dict__.get("_post_init_done"):  # set after construction: check it too
+            try:
+                self.check_routing_knobs()
+            except ValueError:
+                super().__setattr__(name, previous)
+                raise
+
+    def describe_model(self, experts: list[dict] | None = None) -> None:
+        """Mark this config as the description of a built model's tensors (its library fields are then fixed), or
+        install a new expert list on it (how `add_expert` / `remove_expert` change the library)."""
+        if experts is not None:
+            experts = self.normalise_experts(experts)
+            if self.router_top_k > len(experts):
+                raise ValueError(
+                    f"router_top_k (top_k) = {self.router_top_k} exceeds the number of experts ({len(experts)})."
+                )
+            self.__dict__["experts"] = experts
+        self.__dict__["_describes_model"] = True
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`PretrainedConfig.from_dict`, refusing overrides of the fields the saved tensors were made for (e.g.
+        `from_pretrained(dir, local_router="arrow")` on a model whose gates are Phatgoose gates)."""
+        for name in LIBRARY_FIELDS:
+            if name in kwargs:
+                saved = config_dict.get(name, cls.__dataclass_fields__[name].default)
+                given = cls.normalise_experts(kwargs[name]) if name == "experts" else kwargs[name]
+                if given != (cls.normalise_experts(saved or []) if name == "experts" else saved):
+                    raise ValueError(
+                        f"{name}={kwargs[name]!r} was given, but the saved model's tensors were made with "
+                        f"{name}={saved!r}. Build a new model with from_experts(..., {name}=...) instead."
+                    )
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def normalise_experts(cls, experts: list) -> list:
+        if not isinstance(experts, list):
+            raise ValueError(f"experts must be a list of expert descriptions, got {type(experts).__name__}.")
+        experts = [cls._normalise_expert(i, e) for i, e in enumerate(experts)]
+        names = [e["name"] for e in experts]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"Duplicate expert names: {duplicates}. Every expert needs its own name.")
+        return experts
 
     @staticmethod
     def _normalise_expert(index: int, expert: dict) -> dict:
-        if not isinstance(expert, dict) or not isinstance(expert.get("name"), str) or not expert["name"]:
+        if not isinstance(expert, dict) or not isinstance(expert.get("name"), str) or not expert["name"].strip():
             raise ValueError(f"Expert #{index} needs a non-empty string 'name', got {expert!r}.")
         name = expert["name"]
         unknown = set(expert) - set(EXPERT_KEYS)
@@ -159,19 +266,27 @@ class GliderConfig(T5Config):
         r = expert.get("r")
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"Expert {name!r}: 'r' must be a positive integer, got {r!r}.")
-        normalised = {
-            "name": name,
-            "instruction": expert.get("instruction") or "",
-            "source": expert.get("source") or "",
-            "target_modules": sorted(targets),
-            "r": r,
-            "lora_alpha": expert.get("lora_alpha", r),
-            "use_rslora": bool(expert.get("use_rslora", False)),
-            "rank_pattern": dict(expert.get("rank_pattern") or {}),
-            "alpha_pattern": dict(expert.get("alpha_pattern") or {}),
-        }
+        normalised = ExpertEntry(
+            name=name,
+            instruction=expert.get("instruction") or "",
+            source=expert.get("source") or "",
+            target_modules=sorted(targets),
+            r=r,
+            lora_alpha=expert.get("lora_alpha", r),
+            use_rslora=expert.get("use_rslora", False),
+            rank_pattern=ReadOnlyDict(expert.get("rank_pattern") or {}),
+            alpha_pattern=ReadOnlyDict(expert.get("alpha_pattern") or {}),
+        )
+        if not isinstance(normalised["use_rslora"], bool):
+            raise ValueError(f"Expert {name!r}: 'use_rslora' must be true or false, got {normalised['use_rslora']!r}.")
+        if not isinstance(normalised["instruction"], str) or not isinstance(normalised["source"], str):
+            raise ValueError(f"Expert {name!r}: 'instruction' and 'source' must be strings.")
+        if not _positive_number(normalised["lora_alpha"]):
+            raise ValueError(
+                f"Expert {name!r}: 'lora_alpha' must be a finite number > 0, got {normalised['lora_alpha']!r}."
+            )
         for key, value in {**normalised["rank_pattern"], **normalised["alpha_pattern"]}.items():
-            if not isinstance(value, (int, float)) or value <= 0:
+            if not _positive_number(value):
                 raise ValueError(f"Expert {name!r}: rank/alpha pattern {key!r} has an invalid value {value!r}.")
         return normalised
 
@@ -195,6 +310,8 @@ class GliderConfig(T5Config):
 
     def to_dict(self) -> dict:
         output = super().to_dict()
+        output.pop("_describes_model", None)
+        output["experts"] = json.loads(json.dumps(output["experts"]))  # plain dicts
         output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
         return output
 

@@ -20,7 +20,6 @@ plain containers only, nothing is unpickled.
 
 import os
 import re
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from .experts import (
     routable_linears,
     save_expert_files,
 )
-from .staging import staging_dir
+from .staging import discard, missing_parents, move_into, publish, staging_dir
 
 GLIDER_KEY = re.compile(
     r"^base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_gate)\.(?P<adapter>[^.]+)(\.weight)?$"
@@ -216,8 +215,9 @@ def convert_checkpoints(
     gates: write the checkpoints' gates as Phatgoose gates (set False for Arrow checkpoints, whose gate slots hold
         prototypes, or gateless files).
 
-    Everything is read and checked before the experts appear: they are written to a staging folder and moved into
-    `output_dir` at the end; an existing expert folder there is an error.
+    Everything is read and checked before the experts appear: they are written to a staging folder beside them and
+    moved into `output_dir` at the end (a new `output_dir` appears whole, by one rename); an existing expert folder
+    there is an error. A failure leaves `output_dir` as it was.
     """
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
@@ -258,9 +258,10 @@ def convert_checkpoints(
         raise ValueError("Instructions must be a JSON object {task: text or [texts]}.")
 
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"{output_dir} exists and is not a folder.")
-    staging = staging_dir(output_dir)  # beside it: nothing appears in output_dir unless every expert converts
+    # A new output folder is staged whole beside its place; in an existing one the experts are staged inside it.
+    made_parents = missing_parents(output_dir)
+    new_folder = not output_dir.exists()
+    staging = staging_dir(output_dir if new_folder else output_dir / "converting")
     written, name_index = [], 0
     try:
         for file in tqdm(files, desc="Converting checkpoints", disable=len(files) < 4):
@@ -297,11 +298,12 @@ def convert_checkpoints(
                 written.append(name)
         if names is not None and name_index != len(names):
             raise ValueError(f"{len(names)} names were given for {name_index} experts.")
-        output_dir.mkdir(exist_ok=True)
-        for name in written:
-            os.replace(staging / name, output_dir / name)
+        if new_folder:
+            publish(staging, output_dir)
+        else:
+            move_into(staging, output_dir, written)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging, made_parents if not output_dir.exists() else [])
     return [output_dir / name for name in written]
 
 

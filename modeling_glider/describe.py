@@ -3,7 +3,14 @@
 An expert's instruction is human-written (given, or already in its `glider_expert.json`) or written by an
 instruction generator from k random samples of the expert's data. All instructions are embedded by one
 `InstructionEmbedder`, whose id goes into `glider_expert.json` (`embedding_model`) so that a GliderT5 built from
-the experts records it. Nothing is written unless every expert got its instruction and embedding.
+the experts records it.
+
+Nothing is written unless every expert was read and checked in full and got its instruction and embedding. Then every
+expert's new files are written beside the old ones, and only when all are written are they renamed over the old
+ones. A failure up to that point (a corrupt expert, a full disk) changes nothing. Each rename is atomic, but the
+renames across several experts are not one: a kill amid them (a short phase) leaves some experts described anew and
+others as they were, each of them whole or, when killed between its two files, refused when read (see
+`experts.write_expert_files`). Running the command again completes it.
 """
 
 import json
@@ -13,10 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedder, load_embedder
-from .experts import EXPERT_WEIGHTS, read_expert_meta, write_expert_files
+from .experts import Expert, load_expert, read_expert_meta, replace_expert_files, stage_expert_files
 from .instructions import InstructionGenerator, QueryInstructions, load_instruction_generator
 
 
@@ -60,13 +66,14 @@ def describe_experts(
     if data and generator is None:
         raise ValueError(f"Samples were given for {sorted(data)}, but no instruction generator to read them.")
     directories = [Path(d) for d in expert_dirs]
-    metas = {}
+    metas, experts = {}, {}
     for directory in directories:
         meta = read_expert_meta(directory, f"Expert at {directory}")
         name = meta["name"]
         if name in metas:
             raise ValueError(f"Two experts are named {name!r} ({metas[name][0]} and {directory}).")
         metas[name] = (directory, meta)
+        experts[name] = load_expert(directory)  # every file read and checked before anything is written
     unknown = sorted((set(instructions) | set(data)) - set(metas))
     if unknown:
         raise ValueError(f"Instructions or data given for unknown experts {unknown}; the experts are {sorted(metas)}.")
@@ -90,16 +97,20 @@ def describe_experts(
 
     embedder = embedder if isinstance(embedder, InstructionEmbedder) else load_embedder(str(embedder))
     embeddings = embedder.embed([chosen[name] for name in metas])
-    for (name, (directory, meta)), embedding in zip(metas.items(), embeddings):
-        write_expert_description(directory, meta, chosen[name], embedding, embedder.model_id)
+    staged = []
+    try:
+        for (name, (directory, meta)), embedding in zip(metas.items(), embeddings):
+            new_meta = {**meta, "instruction": chosen[name], "embedding_model": embedder.model_id}
+            staged += stage_expert_files(directory, new_meta, expert_tensors(experts[name], embedding))
+        replace_expert_files(staged)
+    finally:
+        for source, _ in staged:
+            source.unlink(missing_ok=True)
     return chosen
 
 
-def write_expert_description(
-    directory: Path, meta: dict, instruction: str, embedding: torch.Tensor, embedding_model: str
-) -> None:
-    """Set the instruction (and its embedder) in `glider_expert.json` and the `instruction_embedding` in
-    `glider_expert.safetensors`, keeping everything else there (gates, other keys); each file replaced atomically."""
-    tensors = load_file(directory / EXPERT_WEIGHTS) if (directory / EXPERT_WEIGHTS).exists() else {}
-    tensors["instruction_embedding"] = embedding.detach().float().cpu().flatten().contiguous()
-    write_expert_files(directory, {**meta, "instruction": instruction, "embedding_model": embedding_model}, tensors)
+def expert_tensors(expert: Expert, instruction_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What `glider_expert.safetensors` holds for `expert` with a new `instruction_embedding`: its gates as they are."""
+    tensors = {f"gate.{path}": gate for path, gate in expert.gates.items()}
+    tensors["instruction_embedding"] = instruction_embedding.detach().float().cpu().flatten().contiguous()
+    return tensors

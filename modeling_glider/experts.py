@@ -4,7 +4,7 @@ An expert directory holds:
 - `adapter_config.json` and `adapter_model.safetensors`: a plain PEFT LoRA adapter as `PeftModel.save_pretrained`
   writes it, so every expert stays usable by PEFT alone;
 - `glider_expert.json`: `{"name": ..., "instruction": ...}` (optionally `"embedding_model"`: the sentence
-  embedder of `instruction_embedding`);
+  embedder of `instruction_embedding`; and `"weights_sha256"`: that of the `glider_expert.safetensors` written with it);
 - `glider_expert.safetensors`: `gate.<module path>` -> `[d_in]` for every adapted linear (Phatgoose gates), and
   optionally `instruction_embedding` -> `[D]`.
 
@@ -13,11 +13,11 @@ check runs before anything is built, and errors name the expert, file and module
 """
 
 import difflib
+import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from transformers import T5ForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from .routing import GliderLinear
+from .routing import GliderGlobalRouter, GliderLinear
+from .staging import staging_file
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
     from .configuration_glider import GliderConfig
@@ -42,6 +43,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPERT_CONFIG = "glider_expert.json"
 EXPERT_WEIGHTS = "glider_expert.safetensors"
 EXPERT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, EXPERT_WEIGHTS]
+WEIGHTS_SHA256 = "weights_sha256"  # in glider_expert.json: the sha256 of the glider_expert.safetensors written with it
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight$")
 # adapter_config.json entries that make an adapter something other than plain LoRA (W + s B A on the unchanged base
@@ -218,6 +220,7 @@ def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
         meta = read_expert_meta(directory, who)
     name = meta["name"]
     who = f"Expert {name!r} ({spec})"
+    check_weights_sha256(directory, meta, who)
 
     adapter_config = read_json_object(directory / ADAPTER_CONFIG, who)
     check_adapter_config(adapter_config, who)
@@ -272,7 +275,7 @@ def save_expert_files(
     instruction_embedding: torch.Tensor | None = None,
     embedding_model: str | None = None,
 ) -> None:
-    """Write `glider_expert.json` and `glider_expert.safetensors` next to a PEFT adapter, each atomically."""
+    """Write `glider_expert.json` and `glider_expert.safetensors` next to a PEFT adapter (see `write_expert_files`)."""
     directory = Path(directory)
     tensors = {f"gate.{path}": gate.detach().float().cpu().contiguous() for path, gate in (gates or {}).items()}
     if instruction_embedding is not None:
@@ -284,13 +287,57 @@ def save_expert_files(
 
 
 def write_expert_files(directory: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `meta` as `glider_expert.json` and `tensors` as `glider_expert.safetensors` into an expert directory,
-    both first written in full beside the targets, then renamed over them."""
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        save_file(tensors, Path(staging) / EXPERT_WEIGHTS, metadata={"format": "pt"})
-        (Path(staging) / EXPERT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        for file in (EXPERT_WEIGHTS, EXPERT_CONFIG):
-            os.replace(Path(staging) / file, directory / file)
+    """Write `meta` as `glider_expert.json` and `tensors` as `glider_expert.safetensors` into an expert directory.
+
+    Both files are written in full beside their targets (`stage_expert_files`), then renamed over them, the JSON
+    first (`replace_expert_files`). Each rename is atomic, the pair is not: a kill between the two leaves the new
+    JSON with the old tensors. The JSON therefore records the sha256 of the tensor file it was written with
+    (`weights_sha256`), and `load_expert` refuses a pair that does not match, naming the file. On an error nothing
+    changes and no staged file is left.
+    """
+    staged = stage_expert_files(directory, meta, tensors)
+    try:
+        replace_expert_files(staged)
+    finally:
+        for source, _ in staged:
+            source.unlink(missing_ok=True)
+
+
+def stage_expert_files(directory: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[Path, Path]]:
+    """The new `glider_expert.json` and `glider_expert.safetensors` of an expert, written beside the old ones;
+    returns (staged file, target) pairs in the order they are to replace the targets (the JSON first)."""
+    weights, config = staging_file(directory / EXPERT_WEIGHTS), staging_file(directory / EXPERT_CONFIG)
+    try:
+        save_file(tensors, weights, metadata={"format": "pt"})
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        config.write_text(json.dumps({**meta, WEIGHTS_SHA256: digest}, indent=2) + "\n")
+    except BaseException:
+        weights.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+        raise
+    return [(config, directory / EXPERT_CONFIG), (weights, directory / EXPERT_WEIGHTS)]
+
+
+def replace_expert_files(staged: list[tuple[Path, Path]]) -> None:
+    """Rename staged files over their targets, in order."""
+    for source, target in staged:
+        os.replace(source, target)
+
+
+def check_weights_sha256(directory: Path, meta: dict, who: str) -> None:
+    """Refuse a `glider_expert.safetensors` other than the one `glider_expert.json` was written with (see
+    `write_expert_files`). A JSON without `weights_sha256` (written by hand, or by PEFT users) is not checked."""
+    if WEIGHTS_SHA256 not in meta:
+        return
+    path = directory / EXPERT_WEIGHTS
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    if digest != meta[WEIGHTS_SHA256]:
+        raise ValueError(
+            f"{who}: {path} is not the file its {EXPERT_CONFIG} was written with ({WEIGHTS_SHA256} differs): an "
+            f"update of the expert was interrupted, or one file was replaced by hand. Write the expert again (e.g. "
+            f"`glider describe-experts` or `glider train-gates`), or remove '{WEIGHTS_SHA256}' from {EXPERT_CONFIG} "
+            "to accept the pair as it is."
+        )
 
 
 def load_base(base: T5ForConditionalGeneration | str | os.PathLike) -> T5ForConditionalGeneration:
@@ -595,12 +642,25 @@ def remove_expert(model, name: str) -> None:
 
 def _set_library(model, experts: list[dict], tensors: dict, embeddings: torch.Tensor | None) -> None:
     """Install a new expert list: in the model's config and its encoder's and decoder's copies, in every routed
-    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router."""
-    for config in (model.config, model.encoder.config, model.decoder.config):
-        config.experts = list(experts)
-    with torch.no_grad():
-        for path, module in model.named_modules():
-            if isinstance(module, GliderLinear):
-                module.set_experts(tensors[path])
-        if embeddings is not None:
-            model.global_router.expert_embeddings = embeddings
+    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router. All or nothing: if
+    anything fails on the way (memory, an interrupt), every module and config is put back as it was."""
+    configs = (model.config, model.encoder.config, model.decoder.config)
+    modules = [m for m in model.modules() if isinstance(m, (GliderLinear, GliderGlobalRouter))]
+    saved_configs = [c.experts for c in configs]
+    saved_modules = [{**m.__dict__, "_parameters": dict(m._parameters), "_buffers": dict(m._buffers)} for m in modules]
+    try:
+        for config in configs:
+            config.describe_model(experts)
+        with torch.no_grad():
+            for path, module in model.named_modules():
+                if isinstance(module, GliderLinear):
+                    module.set_experts(tensors[path])
+            if embeddings is not None:
+                model.global_router.expert_embeddings = embeddings
+    except BaseException:
+        for config, saved in zip(configs, saved_configs):
+            config.describe_model(saved)
+        for module, saved in zip(modules, saved_modules):
+            module.__dict__.clear()
+            module.__dict__.update(saved)
+        raise

@@ -1,12 +1,10 @@
 """Routed LoRA at a cost that follows the k selected experts per token, not the library size E.
 
-`GliderLinear.route` + `GliderLinear.mixture_of_lora` are the formula as written: softmax over all experts, top-k,
-renormalise, then `sum_e w_e s_e B_e A_e x` over every expert, most with `w_e = 0`. They stay the readable reference
-(`lora_implementation="dense"`). The functions here give the same result (up to rounding) with work proportional to
-k:
+`GliderLinear.mixture_of_lora` is the formula as written: `sum_e w_e s_e B_e A_e x` over every expert, most with
+`w_e = 0`. It stays the readable reference (`lora_implementation="dense"`). The functions here give the same result
+(up to rounding) with work proportional to k; every path takes its weights from the one routing function,
+`routing.glider_routing_weights`, which exponentiates the k kept logits only.
 
-- `fast_routing_weights`: top-k of the logits, then a softmax over those k only (the renormalised top-k of a softmax
-  is the softmax of the top-k logits); top-p still sees the full distribution through one logsumexp.
 - `gathered_mixture_of_lora`: gathers each token's k experts' A and B and applies them with batched matmuls: no Python
   loop, k LoRA products per token. On CPU, from 8 rows on, where rows share experts (the beams of one query) it reads
   each expert in use once instead. For few tokens, as in the decoding steps.
@@ -25,18 +23,6 @@ import torch
 AUTO_GATHER_MAX_TOKENS = 64
 
 
-def fast_routing_weights(
-    logits: torch.Tensor, top_k: int, top_p: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`glider_routing_weights` of fp32 `logits` `[..., E]`, computing the softmax over the kept experts only."""
-    top_logits, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-    if top_p is None:
-        return top_logits.softmax(dim=-1), indices
-    probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
-    weights = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # the best expert is always kept
-    return weights / weights.sum(dim=-1, keepdim=True), indices
-
-
 def gathered_mixture_of_lora(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -53,9 +39,9 @@ def gathered_mixture_of_lora(
     lora_A, lora_B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.reshape(tokens, d_in)
     # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth reading
     # once; the product over the experts in use costs used/k times the per-token one, hence the cap. Finding them out
-    # takes a sort: skipped for few rows, which rarely share enough, and on accelerators, where `unique` would
-    # synchronise with the host at every linear.
-    if tokens >= 8 and x.device.type == "cpu":
+    # takes a sort: skipped for few rows, which rarely share enough, and on accelerators and in compiled graphs, where
+    # `unique` would synchronise with the host at every linear (its output's size depends on the data).
+    if tokens >= 8 and x.device.type == "cpu" and not torch.compiler.is_compiling():
         experts, slot = flat.unique(return_inverse=True)
         used = experts.numel()
         if 2 * used <= flat.numel() and used <= 5 * k:

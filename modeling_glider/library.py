@@ -19,7 +19,7 @@ from .experts import (
     resolve_expert_dir,
 )
 from .modeling_glider import GliderT5ForConditionalGeneration
-from .staging import publish, staging_dir
+from .staging import staged_folder
 
 
 def expert_specs(specs: Sequence[str | os.PathLike], staging: Path) -> list[str | os.PathLike]:
@@ -78,14 +78,10 @@ def build_library(
         specs = expert_specs(experts, Path(staging))
         model = GliderT5ForConditionalGeneration.from_experts(base, specs, top_k=top_k, **config_overrides)
 
-    saving = staging_dir(output_dir)
-    try:
+    with staged_folder(output_dir) as saving:
         model.save_pretrained(saving)
         if tokenizer is not None:
             tokenizer.save_pretrained(saving)
-        publish(saving, output_dir)
-    finally:
-        shutil.rmtree(saving, ignore_errors=True)
     return model
 
 

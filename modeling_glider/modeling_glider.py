@@ -6,12 +6,18 @@ The T5 modules below differ from `transformers.models.t5.modeling_t5` in one way
 arguments from the stack down to each linear. T5's stack already forwards extra keyword arguments to its blocks
 and attention layers; the feed-forward path and the attention projections are the parts that had to learn them,
 and the stack tells a routing record which of its tokens are real (not padding).
+
+Every method re-implemented from T5 says so ("Re-implemented from transformers: ...") and is listed with the hash of
+the upstream source it was written against in `REIMPLEMENTED_FROM_T5`; a test fails when the installed transformers'
+T5 differs, so an upgrade cannot change this model's behaviour silently.
 """
 
 import copy
 import os
 import shutil
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +41,13 @@ from transformers.models.t5.modeling_t5 import (
     T5Stack,
     eager_attention_forward,
 )
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
 from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord
+from .staging import all_but_weights, replaced_folder
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
     from .configuration_glider import GliderConfig
@@ -47,6 +55,20 @@ except ImportError:  # the installed packages
     from configuration_glider import GliderConfig
 
 ROUTING_KWARGS = ("global_routing_logits", "routing_record")
+# sha256 of `inspect.getsource` of the transformers T5 methods re-implemented here (transformers 5.24-5.25).
+REIMPLEMENTED_FROM_T5 = {
+    "T5DenseActDense.forward": "12eedb9af398a60a",
+    "T5DenseGatedActDense.forward": "3f5c41a204c168ae",
+    "T5Attention.forward": "a57bc3ed209bb7a8",
+    "T5LayerSelfAttention.__init__": "639785aab24742ba",
+    "T5LayerCrossAttention.__init__": "e97d894068df52c4",
+    "T5LayerFF.__init__": "b9906be831e8047c",
+    "T5LayerFF.forward": "b7f2c285f08b51b0",
+    "T5Block.__init__": "b8840d8372c24805",
+    "T5Block.forward": "6ace6334def256c3",
+    "T5Stack.__init__": "ff626b133fd00ba5",
+    "T5ForConditionalGeneration.__init__": "18fadb1e95e99301",
+}
 
 
 def pop_routing_kwargs(kwargs: dict) -> dict:
@@ -75,6 +97,7 @@ class GliderT5DenseActDense(T5DenseActDense):
         self.wo = GliderLinear(config, f"{prefix}.wo", config.d_ff, config.d_model)
 
     def forward(self, hidden_states, **routing):
+        """Re-implemented from transformers: T5DenseActDense.forward, with the routing inputs passed to wi and wo."""
         hidden_states = self.act(self.wi(hidden_states, **routing))
         hidden_states = self.dropout(hidden_states)
         if hidden_states.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
@@ -90,6 +113,7 @@ class GliderT5DenseGatedActDense(T5DenseGatedActDense):
         self.wo = GliderLinear(config, f"{prefix}.wo", config.d_ff, config.d_model)
 
     def forward(self, hidden_states, **routing):
+        """Re-implemented from transformers: T5DenseGatedActDense.forward, with the routing inputs passed on."""
         hidden_gelu = self.act(self.wi_0(hidden_states, **routing))
         hidden_linear = self.wi_1(hidden_states, **routing)
         hidden_states = self.dropout(hidden_gelu * hidden_linear)
@@ -108,8 +132,9 @@ class GliderT5Attention(T5Attention):
         self.v = GliderLinear(config, f"{prefix}.v", self.d_model, self.inner_dim)
         self.o = GliderLinear(config, f"{prefix}.o", self.inner_dim, self.d_model)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as T5Attention.forward
     def forward(self, hidden_states, mask=None, key_value_states=None, position_bias=None, cache=None, **kwargs):
-        """T5Attention.forward, with the routing inputs passed to q, k, v and o."""
+        """Re-implemented from transformers: T5Attention.forward, with the routing inputs passed to q, k, v and o."""
         routing = pop_routing_kwargs(kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.key_value_proj_dim)
@@ -175,6 +200,7 @@ class GliderT5Attention(T5Attention):
 
 
 class GliderT5LayerSelfAttention(T5LayerSelfAttention):
+    # Re-implemented from transformers: T5LayerSelfAttention.__init__
     def __init__(self, config: GliderConfig, prefix: str, has_relative_attention_bias=False, layer_idx=None):
         nn.Module.__init__(self)
         self.SelfAttention = GliderT5Attention(
@@ -185,6 +211,7 @@ class GliderT5LayerSelfAttention(T5LayerSelfAttention):
 
 
 class GliderT5LayerCrossAttention(T5LayerCrossAttention):
+    # Re-implemented from transformers: T5LayerCrossAttention.__init__
     def __init__(self, config: GliderConfig, prefix: str, layer_idx=None):
         nn.Module.__init__(self)
         self.EncDecAttention = GliderT5Attention(config, f"{prefix}.EncDecAttention", False, layer_idx, is_causal=False)
@@ -193,6 +220,7 @@ class GliderT5LayerCrossAttention(T5LayerCrossAttention):
 
 
 class GliderT5LayerFF(T5LayerFF):
+    # Re-implemented from transformers: T5LayerFF.__init__ and T5LayerFF.forward
     def __init__(self, config: GliderConfig, prefix: str):
         nn.Module.__init__(self)
         dense = GliderT5DenseGatedActDense if config.is_gated_act else GliderT5DenseActDense
@@ -206,6 +234,7 @@ class GliderT5LayerFF(T5LayerFF):
 
 
 class GliderT5Block(T5Block):
+    # Re-implemented from transformers: T5Block.__init__ and T5Block.forward
     def __init__(self, config: GliderConfig, prefix: str, has_relative_attention_bias=False, layer_idx=None):
         nn.Module.__init__(self)
         self.is_decoder = config.is_decoder
@@ -216,6 +245,7 @@ class GliderT5Block(T5Block):
             self.layer.append(GliderT5LayerCrossAttention(config, f"{prefix}.layer.1", layer_idx))
         self.layer.append(GliderT5LayerFF(config, f"{prefix}.layer.{len(self.layer)}"))
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as T5Block.forward
     def forward(
         self,
         hidden_states,
@@ -260,7 +290,7 @@ class GliderT5PreTrainedModel(T5PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, GliderLinear):
             # The rebuilt config-derived buffers are the point here: after a meta-device load they are empty.
-            init.copy_(module.lora_scaling, torch.tensor(module.expert_scalings))
+            init.copy_(module.lora_scaling, torch.tensor(module.expert_scalings, dtype=torch.float32))
             init.copy_(module.expert_index, torch.tensor(module.expert_ids, dtype=torch.long))
             if module.num_experts:
                 init.normal_(module.lora_A, std=module.in_features**-0.5)
@@ -271,6 +301,7 @@ class GliderT5PreTrainedModel(T5PreTrainedModel):
 
 
 class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
+    # Re-implemented from transformers: T5Stack.__init__ (its forward is T5's own, called through `super`)
     def __init__(self, config: GliderConfig, prefix: str):
         T5PreTrainedModel.__init__(self, config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
@@ -283,6 +314,7 @@ class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
         self.post_init()
         self.gradient_checkpointing = False
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as T5Stack.forward
     def forward(
         self,
         input_ids=None,
@@ -299,7 +331,7 @@ class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
         if record is not None and not self.is_decoder:
             record.set_token_masks(encoder=attention_mask)
         elif record is not None:
-            real = self.real_tokens(input_ids, inputs_embeds, attention_mask, cache)
+            real = self.real_tokens(record, input_ids, inputs_embeds, attention_mask, cache)
             record.set_token_masks(decoder=real, cross=encoder_attention_mask)
         return super().forward(
             input_ids=input_ids,
@@ -311,9 +343,10 @@ class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
             **kwargs,
         )
 
-    def real_tokens(self, input_ids, inputs_embeds, attention_mask, cache) -> torch.Tensor | None:
+    def real_tokens(self, record, input_ids, inputs_embeds, attention_mask, cache) -> torch.Tensor | None:
         """Decoder inputs that count in routing statistics, `[rows, length]` of this call: the mask's, or else all but
-        the pad and end-of-sequence tokens after the start token (what `generate` feeds a row that has ended)."""
+        the pad and end-of-sequence tokens after the start token (what `generate` feeds a row that has ended: the
+        ids of that `generate` call, which the record carries)."""
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if attention_mask is not None:
             return attention_mask[:, -length:]
@@ -321,9 +354,65 @@ class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
             return None
         past = cache.get_seq_length() if cache is not None else 0
         position = torch.arange(past, past + length, device=input_ids.device)
-        eos = self.config.eos_token_id
-        ended = [t for t in (self.config.pad_token_id, *(eos if isinstance(eos, list) else [eos])) if t is not None]
+        ended = record.ended_token_ids
+        if ended is None:  # a forward call: the model's own pad and end-of-sequence ids
+            ended = ended_token_ids(self.config.pad_token_id, self.config.eos_token_id)
         return ~torch.isin(input_ids, torch.tensor(ended, device=input_ids.device)) | (position == 0)
+
+
+def ended_token_ids(pad_token_id: int | None, eos_token_id: int | list[int] | None) -> list[int]:
+    eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    return [int(t) for t in (pad_token_id, *eos) if t is not None]
+
+
+class LibraryLock:
+    """Many calls may route at once; changing the expert library waits for them and holds new calls back meanwhile,
+    so no call sees a half-changed library. Re-entrant for a thread's nested calls (`generate` calls `forward`)."""
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.readers = 0
+        self.writing = False
+        self.local = threading.local()
+
+    def __reduce__(self):  # copies and pickles of a model get a lock of their own
+        return LibraryLock, ()
+
+    def routing(self):
+        # A compiled graph cannot wait on a lock: compiled calls route without it (change the library between them).
+        return nullcontext() if torch.compiler.is_compiling() else self._routing()
+
+    @contextmanager
+    def _routing(self):
+        depth = getattr(self.local, "depth", 0)
+        if depth == 0:
+            with self.condition:
+                self.condition.wait_for(lambda: not self.writing)
+                self.readers += 1
+        self.local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self.local.depth = depth
+            if depth == 0:
+                with self.condition:
+                    self.readers -= 1
+                    self.condition.notify_all()
+
+    @contextmanager
+    def changing(self, what: str):
+        if getattr(self.local, "depth", 0):
+            raise RuntimeError(f"{what} inside a forward or generate call of the same model is not possible.")
+        with self.condition:
+            self.condition.wait_for(lambda: not self.writing)
+            self.writing = True
+            self.condition.wait_for(lambda: self.readers == 0)
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.writing = False
+                self.condition.notify_all()
 
 
 @dataclass
@@ -340,6 +429,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
     and generates like any Transformers model.
     """
 
+    # Re-implemented from transformers: T5ForConditionalGeneration.__init__, plus the global router
     def __init__(self, config: GliderConfig):
         T5PreTrainedModel.__init__(self, config)
         self.model_dim = config.d_model
@@ -362,6 +452,8 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         for module in self.modules():
             if isinstance(module, (GliderLinear, GliderGlobalRouter)):
                 module.config = config
+        config.describe_model()  # its library fields now describe these tensors and stay fixed
+        self.library_lock = LibraryLock()
         self.post_init()
 
     @classmethod
@@ -385,6 +477,18 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             config_overrides["global_routing_scale"] = global_routing_scale
         return build_glider_model(cls, base, experts, router_top_k=top_k, **config_overrides)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing weights that disagree with their config (the error names the
+        tensor and the config field) or hold NaN or inf, instead of loading a model that routes wrong."""
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_base_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        check_loaded_tensors(model, info, str(pretrained_model_name_or_path), allow_base_mismatch)
+        return (model, info) if want_info else model
+
     def add_expert(self, expert: str | os.PathLike) -> None:
         """Add one expert (a directory or a Hub repo id) to the library, in place, without touching the other experts.
 
@@ -395,13 +499,15 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         """
         from .experts import add_expert
 
-        add_expert(self, expert)
+        with self.library_lock.changing("add_expert"):
+            add_expert(self, expert)
 
     def remove_expert(self, name: str) -> None:
         """Remove the expert called `name` from the library, in place; the later experts move up one index."""
         from .experts import remove_expert
 
-        remove_expert(self, name)
+        with self.library_lock.changing("remove_expert"):
+            remove_expert(self, name)
 
     def global_routing_logits(
         self, instruction_embeddings: torch.Tensor, batch_size: int | None = None
@@ -420,7 +526,16 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             )
         return logits
 
+    def check_global_routing_logits(self, logits: torch.Tensor, batch: int | None) -> None:
+        """Precomputed global routing logits must be `[batch, num_experts]` and finite."""
+        expected = (batch, len(self.config.experts))
+        if logits.dim() != 2 or logits.shape[1] != expected[1] or (batch is not None and logits.shape[0] != batch):
+            raise ValueError(f"global_routing_logits must be [rows, experts] = {expected}, got {tuple(logits.shape)}.")
+        # checked on the device, without waiting for it (no host synchronisation at every decoding step)
+        torch._assert_async(torch.isfinite(logits).all(), "global_routing_logits hold NaN or inf")
+
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as T5ForConditionalGeneration.forward
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -452,34 +567,35 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         routing_record (`RoutingRecord`, *optional*):
             Append this call's routing to an existing record (how `generate` collects every step).
         """
-        if instruction_embeddings is not None:
-            if global_routing_logits is not None:
-                raise ValueError("Pass instruction_embeddings or global_routing_logits, not both.")
+        with self.library_lock.routing():  # the library cannot change while this call routes
             encoder_states = encoder_outputs[0] if encoder_outputs is not None else None
             inputs = (input_ids, inputs_embeds, encoder_states, decoder_input_ids, decoder_inputs_embeds, labels)
-            batch = next((t for t in inputs if t is not None), None)
-            global_routing_logits = self.global_routing_logits(
-                instruction_embeddings, None if batch is None else batch.shape[0]
+            batch = next((t.shape[0] for t in inputs if t is not None), None)
+            if instruction_embeddings is not None:
+                if global_routing_logits is not None:
+                    raise ValueError("Pass instruction_embeddings or global_routing_logits, not both.")
+                global_routing_logits = self.global_routing_logits(instruction_embeddings, batch)
+            elif global_routing_logits is not None:
+                self.check_global_routing_logits(global_routing_logits, batch)
+            if output_routing and routing_record is None:
+                routing_record = RoutingRecord()
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                global_routing_logits=global_routing_logits,
+                routing_record=routing_record,
+                return_dict=True,
+                **kwargs,
             )
-        if output_routing and routing_record is None:
-            routing_record = RoutingRecord()
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            encoder_outputs=encoder_outputs,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            global_routing_logits=global_routing_logits,
-            routing_record=routing_record,
-            return_dict=True,
-            **kwargs,
-        )
-        return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
+            return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
 
     @torch.no_grad()
     def generate(
@@ -496,15 +612,21 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         `output_routing=True` (which needs `return_dict_in_generate=True`) the output carries a `routing` record of
         the whole call.
         """
-        if instruction_embeddings is not None:
-            batch = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-            kwargs["global_routing_logits"] = self.global_routing_logits(
-                instruction_embeddings, None if batch is None else batch.shape[0]
-            )
         if output_routing and not kwargs.get("return_dict_in_generate"):
             raise ValueError("output_routing=True needs return_dict_in_generate=True.")
-        record = RoutingRecord() if output_routing else None
-        outputs = super().generate(inputs, routing_record=record, **kwargs)
+        record = None
+        if output_routing:  # rows that have ended are fed this call's pad (or else end-of-sequence) token
+            generation_config = kwargs.get("generation_config") or self.generation_config
+            eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
+            record = RoutingRecord(ended_token_ids(kwargs.get("pad_token_id", generation_config.pad_token_id), eos))
+        with self.library_lock.routing():  # the library cannot change while this call routes
+            batch = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            batch = None if batch is None else batch.shape[0]
+            if instruction_embeddings is not None:
+                kwargs["global_routing_logits"] = self.global_routing_logits(instruction_embeddings, batch)
+            elif kwargs.get("global_routing_logits") is not None:
+                self.check_global_routing_logits(kwargs["global_routing_logits"], batch)
+            outputs = super().generate(inputs, routing_record=record, **kwargs)
         if record is not None:
             outputs["routing"] = record
         return outputs
@@ -513,17 +635,37 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         """`PreTrainedModel.save_pretrained`, plus this model's code saved flat beside the weights, so that the
         folder (or a Hub repo made from it) loads with `trust_remote_code=True` where the package is not installed.
 
+        All or nothing: the model is written in full into a new folder beside `save_directory`, which then takes its
+        place (see `staging.replaced_folder`); files saved there before by others (a tokenizer, say) are kept, weight
+        files of an earlier save are not. A kill while writing leaves the old model, whole; a kill after, the new one.
+        Only in the instant between the two renames of the swap is the folder missing: the old one is then whole in
+        `.<name>.<random>.old` beside it, and the next save there says so. A folder that cannot be renamed (a mount
+        point, the working directory) gets its files replaced one by one instead, each by a rename: never a half
+        written file. Other ranks of a distributed run (`is_main_process=False`) and `distributed_checkpoint=True`,
+        where every rank writes its own files, write in place as in Transformers.
+
         With `push_to_hub=True` the complete folder is pushed once it is written (see `push_to_hub`); `repo_id`
         defaults to the folder's name.
         """
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
-        super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub=False, **kwargs)
-        if not is_main_process:
-            return
-        for source in code_files():
-            shutil.copyfile(source, Path(save_directory) / source.name)
-        if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+        target = Path(save_directory)
+        if target.is_file():
+            raise NotADirectoryError(f"save_pretrained needs a folder; {target} is a file.")
+        if not is_main_process or kwargs.get("distributed_checkpoint"):
+            super().save_pretrained(save_directory, is_main_process, state_dict, push_to_hub=False, **kwargs)
+            wrote = is_main_process
+            if wrote:
+                for source in code_files():
+                    shutil.copyfile(source, target / source.name)
+        else:
+            with replaced_folder(target, keep=all_but_weights(kwargs.get("variant"))) as staging:
+                super().save_pretrained(staging, is_main_process, state_dict, push_to_hub=False, **kwargs)
+                wrote = any(staging.iterdir())  # nothing on the later ranks of a torch.distributed run
+                if wrote:
+                    for source in code_files():
+                        shutil.copyfile(source, staging / source.name)
+        if push_to_hub and wrote:
+            repo_id = hub_kwargs.pop("repo_id", target.name)
             _hub().push_folder(save_directory, repo_id, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, *, tokenizer=None, max_shard_size: int | str = "50GB", **push_kwargs):
@@ -537,6 +679,57 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         (`trust_remote_code=True`). Needs the glider-t5 package (for the card template). Returns the `CommitInfo`.
         """
         return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
+
+
+EXPERT_TENSORS = ("lora_A", "lora_B", "router_gate", "expert_embeddings")
+# What each dimension of an expert tensor follows from in the config.
+EXPERT_TENSOR_DIMS = {
+    "lora_A": ("the experts adapting this linear (experts[*].target_modules)", "the experts' largest rank (r, rank_pattern)", "the linear's input width (d_model, d_ff, d_kv * num_heads)"),
+    "lora_B": ("the experts adapting this linear (experts[*].target_modules)", "the linear's output width (d_model, d_ff, d_kv * num_heads)", "the experts' largest rank (r, rank_pattern)"),
+    "router_gate": ("the experts adapting this linear (experts[*].target_modules)", "the linear's input width (d_model, d_ff, d_kv * num_heads)"),
+    "expert_embeddings": ("the number of experts (experts)", "instruction_embedding_dim"),
+}  # fmt: skip
+
+
+def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, source: str, allow_base_mismatch: bool):
+    """Refuse a loaded model whose weights disagree with its config or hold NaN/inf; each problem names the tensor and
+    the config field it disagrees with."""
+    problems = []
+    for key, saved, built in info.get("mismatched_keys", []):
+        kind = key.rsplit(".", 1)[-1]
+        if kind in EXPERT_TENSORS:
+            fields = [EXPERT_TENSOR_DIMS[kind][d] for d in range(len(built)) if d >= len(saved) or saved[d] != built[d]]
+            problems.append(
+                f"{key} holds {tuple(saved)} but config.json implies {tuple(built)}: see {'; '.join(fields)}"
+            )
+        elif not allow_base_mismatch:
+            problems.append(f"{key} holds {tuple(saved)} but config.json implies {tuple(built)} (d_model, d_ff, ...)")
+    for key in sorted(info.get("missing_keys", [])):
+        if key.rsplit(".", 1)[-1] in EXPERT_TENSORS:
+            problems.append(
+                f"config.json's experts need {key}, which the weights do not have (experts, target_modules)"
+            )
+    for key in sorted(info.get("unexpected_keys", [])):
+        if key.rsplit(".", 1)[-1] in EXPERT_TENSORS:
+            field = "instruction_embedding_dim" if key.startswith("global_router.") else "experts' target_modules"
+            problems.append(f"the weights hold {key}, which config.json's {field} does not provide for")
+    if not problems:
+        experts = model.config.experts
+        for path, module in model.named_modules():
+            if not isinstance(module, GliderLinear) or not module.num_experts or module.lora_A.is_meta:
+                continue
+            for slot, (expert_id, rank) in enumerate(zip(module.expert_ids, module.expert_ranks)):
+                if module.lora_A[slot, rank:].any() or module.lora_B[slot, :, rank:].any():
+                    problems.append(
+                        f"expert {experts[expert_id]['name']!r} at {path} has rank {rank} in config.json (r, "
+                        f"rank_pattern), but its weights hold values beyond rank {rank}"
+                    )
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+                problems.append(f"tensor {name} holds NaN or inf")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"GliderT5 at {source} does not load: " + "; ".join(problems[:5]) + more + ".")
 
 
 def _hub():

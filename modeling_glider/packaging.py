@@ -27,5 +27,6 @@ def code_files() -> list[Path]:
         "pipeline_glider.py",
         "embedding.py",
         "instructions.py",
+        "staging.py",
     )
     return [Path(inspect.getfile(GliderConfig))] + [here / name for name in names]

@@ -17,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_lora import (
-    AUTO_GATHER_MAX_TOKENS,
-    fast_routing_weights,
-    gathered_mixture_of_lora,
-    grouped_mixture_of_lora,
-)
+from .fast_lora import AUTO_GATHER_MAX_TOKENS, gathered_mixture_of_lora, grouped_mixture_of_lora
 
 ROUTER_LAYER_NORM_EPS = 1e-5
 
@@ -47,14 +42,17 @@ def glider_routing_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(local + global) over the experts in fp32, keep the top-k (and the top-p mass), renormalise.
 
+    The one routing function of every path. The renormalised top-k of a softmax is the softmax of the top-k logits,
+    so only the k kept experts are exponentiated; top-p still sees the whole distribution through one logsumexp.
     Returns the kept weights and expert indices, best first, each `[..., min(top_k, E)]`. Experts cut by top-p keep
     their slot with weight 0.
     """
     logits = local_logits.float() if global_logits is None else local_logits.float() + global_logits.float()
-    probs = logits.softmax(dim=-1)
-    weights, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    if top_p is not None:
-        weights = weights * ((weights.cumsum(dim=-1) - weights) < top_p)  # the best expert is always kept
+    top_logits, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    if top_p is None:
+        return top_logits.softmax(dim=-1), indices
+    probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    weights = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # the best expert is always kept
     return weights / weights.sum(dim=-1, keepdim=True), indices
 
 
@@ -65,9 +63,11 @@ class RoutingRecord:
     pad tokens `generate` feeds to finished rows are routed like any token, but do not count in the usage shares.
     """
 
-    def __init__(self):
+    def __init__(self, ended_token_ids: list[int] | None = None):
         self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
         self.token_masks: dict[str, torch.Tensor | None] = {}
+        # The pad and end-of-sequence ids `generate` feeds to rows that have ended (None: the model config's).
+        self.ended_token_ids = ended_token_ids
 
     def set_token_masks(self, **masks: torch.Tensor | None) -> None:
         """`[rows, tokens]` masks (1 = a real token) of the calls that follow: `encoder`, `decoder`, and `cross` (the
@@ -99,6 +99,11 @@ class RoutingRecord:
             tokens = torch.zeros(batch_size, 1)
             for weights, expert_ids, mask in calls:
                 rows, length, _ = weights.shape
+                if rows % batch_size:
+                    raise ValueError(
+                        f"{module_path} routed {rows} rows in one call, which do not fold onto batch_size = "
+                        f"{batch_size} queries; give the number of queries of the recorded calls."
+                    )
                 mask = torch.ones(rows, length) if mask is None else mask.detach().float().cpu()
                 query = torch.arange(rows) // (rows // batch_size)
                 dense = torch.zeros(rows, length, num_experts).scatter_add_(-1, expert_ids.cpu(), weights.float().cpu())
@@ -152,14 +157,22 @@ class GliderLinear(nn.Linear):
                 self.register_parameter(name, None)
         # Derived from the config, so not saved; `_init_weights` rebuilds them after a meta-device load.
         device = self.weight.device
-        self.register_buffer("lora_scaling", torch.tensor(self.expert_scalings, device=device), persistent=False)
+        scalings = torch.tensor(self.expert_scalings, dtype=torch.float32, device=device)
+        self.register_buffer("lora_scaling", scalings, persistent=False)
         self.register_buffer(
             "expert_index", torch.tensor(self.expert_ids, dtype=torch.long, device=device), persistent=False
         )
         # Config-derived shortcuts of the fast path: one scaling for all experts; the global logits need no selection.
         self.uniform_scaling = self.expert_scalings[0] if len(set(self.expert_scalings)) == 1 else None
         self.routes_all_experts = self.expert_ids == list(range(len(self.config.experts)))
-        self._normalised_gates = None  # see `normalised_gates`
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` casts every float buffer; the scalings stay fp32 (PEFT keeps them as Python floats), rebuilt
+        # from the config on the module's new device.
+        super()._apply(fn, recurse)
+        if self.lora_scaling.dtype != torch.float32:
+            self.lora_scaling = torch.tensor(self.expert_scalings, dtype=torch.float32, device=self.lora_scaling.device)
+        return self
 
     def expert_tensors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Expert id -> this linear's unpadded `(A [r, d_in], B [d_out, r], gate [d_in])` of that expert."""
@@ -182,10 +195,7 @@ class GliderLinear(nn.Linear):
         if not self.num_experts:
             return y
         implementation = self.lora_implementation(x.shape[:-1].numel())
-        if implementation == "dense":
-            weights, indices = self.route(x, global_routing_logits)
-        else:
-            weights, indices = self.fast_route(x, global_routing_logits)
+        weights, indices = self.route(x, global_routing_logits)
         if routing_record is not None:
             routing_record.add(self.module_path, weights, self.expert_index[indices])
         if implementation == "dense":
@@ -208,7 +218,7 @@ class GliderLinear(nn.Linear):
         if self.config.local_router == "arrow":
             logits = arrow_logits(x, self.router_gate, self.config.arrow_temperature)
         else:
-            logits = phatgoose_logits(x, self.normalised_gates())
+            logits = phatgoose_logits(x, phatgoose_gates(self.router_gate))  # no cache of them: it could go stale
         if global_routing_logits is not None:
             global_logits = global_routing_logits.to(x.device)
             if not self.routes_all_experts:
@@ -217,35 +227,9 @@ class GliderLinear(nn.Linear):
         return logits
 
     def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing weights and local expert indices per token, `[batch, tokens, k]`: the softmax over all experts,
-        then top-k (the formula as written)."""
+        """Routing weights and local expert indices per token, `[batch, tokens, k]` (see `glider_routing_weights`)."""
         logits = self.routing_logits(x, global_routing_logits)
         return glider_routing_weights(logits, None, self.config.router_top_k, self.config.router_top_p)
-
-    def fast_route(
-        self, x: torch.Tensor, global_routing_logits: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`route` with the softmax taken over the top-k only."""
-        logits = self.routing_logits(x, global_routing_logits)
-        return fast_routing_weights(logits, self.config.router_top_k, self.config.router_top_p)
-
-    def normalised_gates(self) -> torch.Tensor:
-        """`LN(v_e) / sqrt(d_in)` in fp32, the Phatgoose gates as the local router applies them.
-
-        Computing them is O(E d_in) per call, as much as the routing itself, so they are reused while `router_gate`
-        is the same tensor at the same version (any in-place change, `load_state_dict` or `.to()` recomputes them).
-        Gates being trained are normalised on every call, so that gradients flow.
-        """
-        gate = self.router_gate
-        if (torch.is_grad_enabled() and gate.requires_grad) or gate.is_inference():  # inference tensors: no version
-            return phatgoose_gates(gate)
-        key = (gate._version, gate.data_ptr(), gate.device)
-        cached = self._normalised_gates
-        if cached is None or cached[0] is not gate or cached[1] != key:
-            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable outside inference mode
-                cached = (gate, key, phatgoose_gates(gate))
-            self._normalised_gates = cached
-        return cached[2]
 
     def mixture_of_lora(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_e B_e A_e x. Reference path: every expert is computed, unselected ones with w_e = 0."""

@@ -10,10 +10,9 @@ unless one is passed.
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import datasets
@@ -46,7 +45,7 @@ from .experts import (
     save_expert_files,
     write_expert_files,
 )
-from .staging import publish, staging_dir
+from .staging import staged_folder
 
 ALL_T5_LINEARS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 TrainingData = str | os.PathLike | list | datasets.Dataset
@@ -252,8 +251,9 @@ def train_gates(
 
     The recipe of Phatgoose and GLIDER: the base model and the LoRA weights stay frozen; every adapted linear gets one
     gate vector v, zero at start, and computes `y = W x + sigmoid(v . x) * s * B A x`; AdamW trains only the gates
-    (default 100 steps at learning rate 5e-3, constant). `glider_expert.safetensors` is then replaced atomically by
-    one holding `gate.<module path>` for every adapted linear and the expert's `instruction_embedding` if it had one.
+    (default 100 steps at learning rate 5e-3, constant). `glider_expert.safetensors` is then replaced by one holding
+    `gate.<module path>` for every adapted linear and the expert's `instruction_embedding` if it had one, and
+    `glider_expert.json` by one recording it (see `experts.write_expert_files`): on an error, neither changes.
 
     `expert_dir` may be a plain PEFT LoRA adapter folder: `glider_expert.json` is then written too, with `name`
     (default: the folder's name) and `instruction`. An existing `glider_expert.json` keeps its name; `instruction`,
@@ -362,8 +362,8 @@ def train_expert(
     dataset = _tokenize(load_pairs(data), tokenizer, max_source_length, max_target_length)
     fit_kwargs = {"batch_size": batch_size, "seed": seed, "bf16": bf16, "trainer_args": trainer_args}
 
-    staging = None
-    try:
+    # The main process writes the expert into a folder beside `output_dir`, renamed to it once complete.
+    with staged_folder(output_dir) if PartialState().is_main_process else nullcontext() as staging:
         with _left_as_it_was(base):
             peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                          target_modules=targets))  # fmt: skip
@@ -376,8 +376,7 @@ def train_expert(
                     for path, layer in peft_model.base_model.model.named_modules()
                     if isinstance(layer, LoraLayer)
                 }  # fmt: skip
-                if PartialState().is_main_process:  # the expert is written here, then renamed into place
-                    staging = staging_dir(output_dir)
+                if staging is not None:
                     peft_model.save_pretrained(staging)
             finally:
                 peft_model.unload()  # puts the base's own linears back
@@ -389,11 +388,6 @@ def train_expert(
             )
         if staging is not None:
             save_expert_files(staging, name, instruction, gates, instruction_embedding, embedding_model)
-            publish(staging, output_dir)
-            staging = None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     PartialState().wait_for_everyone()
     return output_dir
 

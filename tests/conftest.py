@@ -129,6 +129,45 @@ def make_expert(
     return directory
 
 
+def assert_decisive(out, num_beams: int = 1, eos_token_id: int | None = 1) -> None:
+    """Check that every choice of the reference generation `out` wins by far more than fp32 rounding.
+
+    Token ids from computations batched, padded, cached or threaded differently may be compared exactly only when
+    no choice is a near tie: their logits differ by up to ~1e-5 of the logits' size (measured on these tiny models),
+    which can flip a tie on another CPU. `out` is `generate(..., output_scores=True, return_dict_in_generate=True)`. Greedy: each step's best logit
+    must lead the next by 1e-4 of the largest logit (rows that ended are skipped). Beam search: at each step the
+    num_beams best running candidates (cumulative log-probabilities, end of sequence excluded) and the next one must
+    be that far apart, and so must the scores of the returned beams.
+    """
+    running = None
+    for step, scores in enumerate(out.scores):
+        scores = scores.float()
+        if num_beams == 1:
+            ended = (out.sequences[:, -len(out.scores) :][:, :step] == eos_token_id).any(dim=-1)  # generated ids
+            top = scores[~ended].topk(2, dim=-1).values
+            margins, scale = top[:, 0] - top[:, 1], scores[scores.isfinite()].abs().max()  # -inf: banned tokens
+        else:
+            batch, vocab = scores.shape[0] // num_beams, scores.shape[-1]
+            if running is None:  # as generate() starts: one live beam per query
+                running = torch.full((batch, num_beams), -1e9)
+                running[:, 0] = 0
+            candidates = (scores.view(batch, num_beams, vocab) + running[..., None]).view(batch, -1)
+            candidates[:, eos_token_id::vocab] = -1e9  # ending beams leave the running ones
+            top = candidates.topk(num_beams + 1, dim=-1).values
+            live = top[:, 1:] > -1e8  # candidates grown from the placeholder beams of step 0 are no choice
+            margins, scale = (top[:, :-1] - top[:, 1:])[live], top[top > -1e8].abs().max()
+            running = top[:, :num_beams]
+        tolerance = 1e-4 * max(1.0, float(scale))
+        assert margins.numel() == 0 or margins.min() > tolerance, (
+            f"step {step}: a near tie ({float(margins.min()):.2e} <= {tolerance:.2e}); exact token comparisons "
+            "with this reference would depend on rounding: pick other inputs"
+        )
+    if num_beams > 1:
+        final = out.sequences_scores.view(batch, -1)
+        gaps = final[:, :-1] - final[:, 1:]
+        assert gaps.numel() == 0 or gaps.min() > 1e-4 * max(1.0, float(final.abs().max())), "returned beams nearly tie"
+
+
 def train_sentencepiece(directory: Path, texts: list[str], vocab_size: int, model_type: str = "unigram") -> Path:
     """A T5-style sentencepiece model (pad 0, EOS 1, unk 2, no BOS) trained on `texts`, as `directory/spiece.model`."""
     model = io.BytesIO()

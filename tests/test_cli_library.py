@@ -1,6 +1,7 @@
 """The library commands of the `glider` CLI, end to end on files: build (expert folders and plain PEFT adapters),
 train-gates, train-expert, convert."""
 
+import hashlib
 import json
 import shutil
 
@@ -69,6 +70,7 @@ def test_train_gates_then_build_with_phatgoose_routing(tmp_path, tokenizer, caps
     assert json.loads((adapter / "glider_expert.json").read_text()) == {
         "name": "sorting",
         "instruction": "Sort letters.",
+        "weights_sha256": hashlib.sha256((adapter / "glider_expert.safetensors").read_bytes()).hexdigest(),
     }
     assert len(load_file(adapter / "glider_expert.safetensors")) == 36  # every linear of the gated tiny T5
 

@@ -70,11 +70,21 @@ def test_transformers_backend_equals_sentence_transformers(reference, tiny_encod
 
 def test_cache_is_bounded_and_transparent(reference):
     embedder = InstructionEmbedder(cache_size=2)
+    encoded = []  # the texts each call computes
+    encode = embedder._encode
+    embedder._encode = lambda texts: encoded.append(list(texts)) or encode(texts)
     first = embedder.embed(TEXTS)
     assert len(embedder._cache) == 2
     again = embedder.embed([TEXTS[2], TEXTS[0], TEXTS[2]])  # one cached, one recomputed, one repeated
-    torch.testing.assert_close(again, first[[2, 0, 2]], atol=0, rtol=0)
+    assert encoded == [TEXTS, [TEXTS[0]]]  # the evicted text alone is computed again, once
     assert len(embedder._cache) == 2
+    # A hit returns what was computed, bit for bit: the same tensor, not a recomputation.
+    assert torch.equal(again[0], first[2]) and torch.equal(again[2], first[2])
+    # TEXTS[0] was embedded in a batch of 3, then alone: the same text batched differently agrees to fp32 rounding
+    # (unit vectors, so 1e-5 is ~100x that), and both are the reference's embedding of it.
+    torch.testing.assert_close(again[1], first[0], atol=1e-5, rtol=0)
+    expected = reference.encode(TEXTS, convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(again, expected[[2, 0, 2]], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["sentence-transformers", "transformers"])

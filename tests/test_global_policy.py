@@ -8,7 +8,7 @@ import torch
 from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.hub import render_model_card
-from tests.conftest import EMBED_DIM, make_base, make_expert
+from tests.conftest import EMBED_DIM, assert_decisive, make_base, make_expert
 
 
 def inputs(seed=0, batch=3, length=6, vocab=64):
@@ -36,13 +36,17 @@ def test_zero_row_means_no_global_term(library):
         single = glider(input_ids=ids[1:2], decoder_input_ids=dec[1:2]).logits
         global_logits = glider.global_routing_logits(u)
     assert torch.equal(global_logits[1], torch.zeros(3))
-    assert torch.equal(mixed[1], local_only[1])  # same batch shape: exactly the local-only computation
+    # the local-only computation for row 1; the other rows, routed otherwise, may group the experts' work differently
+    torch.testing.assert_close(mixed[1], local_only[1], atol=1e-5 * max(1.0, local_only[1].abs().max()), rtol=0)
     torch.testing.assert_close(mixed[1:2], single, atol=1e-3, rtol=1e-3)
     assert (mixed[0] - local_only[0]).abs().max() > 0.1  # the other rows were routed globally
     with torch.no_grad():
         generated = glider.generate(input_ids=ids, instruction_embeddings=u, max_new_tokens=5, do_sample=False)
-        expected = glider.generate(input_ids=ids[1:2], max_new_tokens=5, do_sample=False)
-    assert generated[1, : expected.shape[1]].tolist() == expected[0].tolist()
+        expected = glider.generate(
+            input_ids=ids[1:2], max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    assert_decisive(expected)
+    assert generated[1, : expected.sequences.shape[1]].tolist() == expected.sequences[0].tolist()
 
 
 def test_threshold_policy_equals_fixed_alpha_per_query(library):
@@ -74,7 +78,9 @@ def test_threshold_policy_equals_fixed_alpha_per_query(library):
         for row, alpha in enumerate(alphas):
             fixed = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2, global_routing_scale=alpha)
             reference = fixed(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits
-            assert torch.equal(got[row], reference[row])
+            # the row is the fixed-alpha model's; other rows differ in alpha, so the experts' work may be grouped
+            # differently: fp32 routing weights, 1e-5 of the logits
+            torch.testing.assert_close(got[row], reference[row], atol=1e-5 * max(1.0, reference.abs().max()), rtol=0)
 
 
 def test_policy_config_round_trip_and_errors(tmp_path, library):

@@ -20,7 +20,7 @@ from modeling_glider.instructions import (
     instruction_messages,
     load_instruction_generator,
 )
-from tests.conftest import make_base
+from tests.conftest import assert_decisive, make_base
 from tests.llm_server import INSTRUCTIONS
 
 
@@ -137,6 +137,12 @@ def test_local_causal_lm_matches_text_generation_pipeline(tiny_llm, tokenizer):
     reference = pipeline("text-generation", model=tiny_llm, tokenizer=tokenizer)
     settings = {"max_new_tokens": 12, "do_sample": False, "return_full_text": False, "add_special_tokens": True}
     expected = [clean_instruction(reference(generator.prompt([q]), **settings)[0]["generated_text"]) for q in queries]
+    for query in queries:  # the generator pads a batch of two: the same texts only if no choice is a near tie
+        inputs = tokenizer(generator.prompt([query]), return_tensors="pt")
+        alone = tiny_llm.generate(
+            **inputs, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        assert_decisive(alone, eos_token_id=tiny_llm.config.eos_token_id)
     assert any(expected)  # the random model writes something instruction-like for some query
     with pytest.warns(InstructionFallbackWarning) if None in expected else nullcontext():
         assert generator(queries) == expected

@@ -21,7 +21,7 @@ from modeling_glider.cli import main
 from modeling_glider.describe import describe_experts
 from modeling_glider.embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedder, load_embedder, packaged_model_path
 from modeling_glider.instructions import InstructionFallbackWarning, embed_query_instructions
-from tests.conftest import make_base, make_expert
+from tests.conftest import assert_decisive, make_base, make_expert
 from tests.hub_server import HubServer, Repo
 from tests.llm_server import INSTRUCTIONS
 
@@ -95,8 +95,9 @@ def test_mixed_batch_is_routed_row_by_row(library, pipe, tokenizer):
     with torch.no_grad():
         generated = model.generate(**batch, instruction_embeddings=u, **GENERATE)
         for row, query in enumerate(queries):
-            single = model.generate(**tokenizer(query, return_tensors="pt"), instruction_embeddings=u[row : row + 1], **GENERATE)  # fmt: skip
-            assert generated[row, : single.shape[1]].tolist() == single[0].tolist()
+            single = model.generate(**tokenizer(query, return_tensors="pt"), instruction_embeddings=u[row : row + 1], output_scores=True, return_dict_in_generate=True, **GENERATE)  # fmt: skip
+            assert_decisive(single)  # so the batched rows, and the pipeline's below, may be compared exactly
+            assert generated[row, : single.sequences.shape[1]].tolist() == single.sequences[0].tolist()
     together = pipe(queries, return_experts=True, batch_size=3, **GENERATE)
     alone = [pipe(query, return_experts=True, **GENERATE)[0] for query in queries]
     assert [o[0]["generated_text"] for o in together] == [o["generated_text"] for o in alone]
@@ -158,8 +159,8 @@ def test_embedder_checks_in_the_pipeline(library, tokenizer, tmp_path):
         "text2text-generation", model=model, tokenizer=tokenizer, instruction_embedder="all-MiniLM-L6-v2"
     )
     assert top_expert(by_alias("What is 2 plus 2?", return_experts=True, **GENERATE)[0]) == "arithmetic"
-    unnamed = GliderT5ForConditionalGeneration.from_experts(make_base(seed=5), dirs)
-    unnamed.config.instruction_embedding_model = None  # a library embedded by an unknown model
+    # a library embedded by an unknown model
+    unnamed = GliderT5ForConditionalGeneration.from_experts(make_base(seed=5), dirs, instruction_embedding_model=None)
     unknown = pipeline("text2text-generation", model=unnamed, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="does not record which model embedded"):
         unknown("What is 2 plus 2?")
@@ -189,7 +190,10 @@ BLOCKED_IMPORTS_SCRIPT = textwrap.dedent(
                 raise ImportError(f"{name} is blocked in this test")
 
     sys.meta_path.insert(0, Blocker())
+    import torch
     from transformers import pipeline
+
+    torch.set_num_threads(1)  # as the tests: the same computation as the in-process reference
 
     pipe = pipeline("text2text-generation", model=sys.argv[1], trust_remote_code=True)
     queries = json.loads(sys.argv[2])

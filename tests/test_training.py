@@ -2,6 +2,7 @@
 on a gradient computed here with plain hooks, and real signal on two synthetic tasks."""
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -125,7 +126,8 @@ def test_one_gate_step_is_adams_first_step_on_the_reference_gradient(tmp_path, w
     assert base.decoder.block[0].layer[0].SelfAttention.q.weight.requires_grad and not base.training
     assert type(base.encoder.block[0].layer[0].SelfAttention.q) is torch.nn.Linear
     assert (expert_dir / "adapter_model.safetensors").read_bytes() == adapter_before
-    assert json.loads((expert_dir / "glider_expert.json").read_text()) == meta
+    weights_sha256 = hashlib.sha256((expert_dir / "glider_expert.safetensors").read_bytes()).hexdigest()
+    assert json.loads((expert_dir / "glider_expert.json").read_text()) == {**meta, "weights_sha256": weights_sha256}
     assert not list(expert_dir.glob(".*"))  # no temporary file left
 
 
@@ -139,6 +141,7 @@ def test_train_gates_makes_a_plain_peft_adapter_an_expert(tmp_path, word_tokeniz
     assert json.loads((adapter_dir / "glider_expert.json").read_text()) == {
         "name": "numbers_adapter",
         "instruction": "Rotate the numbers.",
+        "weights_sha256": hashlib.sha256((adapter_dir / "glider_expert.safetensors").read_bytes()).hexdigest(),
     }
     model = GliderT5ForConditionalGeneration.from_experts(base, [adapter_dir], top_k=1)
     assert model.config.expert_names == ["numbers_adapter"]
@@ -213,6 +216,7 @@ def test_train_expert_writes_a_complete_peft_expert(two_task_experts, word_token
     assert json.loads((directory / "glider_expert.json").read_text()) == {
         "name": "fruit",
         "instruction": "The fruit task.",
+        "weights_sha256": hashlib.sha256((directory / "glider_expert.safetensors").read_bytes()).hexdigest(),
     }
     config = json.loads((directory / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8

@@ -226,7 +226,7 @@ class Stages:
     # Stage 5
     def assemble(self, out: Path, command: list[str]) -> None:
         from modeling_glider import GliderT5ForConditionalGeneration
-        from modeling_glider.modeling_glider import code_files
+        from modeling_glider.packaging import code_files
 
         r = self.recipe
         base = T5ForConditionalGeneration.from_pretrained(self.work / "base")
