@@ -371,7 +371,8 @@ class LibraryLock:
 
     def __init__(self):
         self.condition = threading.Condition()
-        self.readers = 0
+        self.readers = 0  # calls routing now
+        self.held_back = 0  # calls waiting for a change to end
         self.writing = False
         self.local = threading.local()
 
@@ -387,8 +388,11 @@ class LibraryLock:
         depth = getattr(self.local, "depth", 0)
         if depth == 0:
             with self.condition:
+                self.held_back += 1
                 self.condition.wait_for(lambda: not self.writing)
+                self.held_back -= 1
                 self.readers += 1
+                self.condition.notify_all()
         self.local.depth = depth + 1
         try:
             yield
@@ -404,7 +408,8 @@ class LibraryLock:
         if getattr(self.local, "depth", 0):
             raise RuntimeError(f"{what} inside a forward or generate call of the same model is not possible.")
         with self.condition:
-            self.condition.wait_for(lambda: not self.writing)
+            # the calls held back by the last change get in first: neither calls nor changes can starve
+            self.condition.wait_for(lambda: not self.writing and self.held_back == 0)
             self.writing = True
             self.condition.wait_for(lambda: self.readers == 0)
         try:
