@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="Two small shapes, few repeats (a smoke run).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s).")
     parser.add_argument("--repeats", type=int, default=40, help="Timed calls per shape (default: %(default)s).")
+    parser.add_argument("--note", default="", help="A line on the conditions of the run, for the report.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -131,11 +133,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(summary)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        command = "python -m benchmarks.bench_linear " + " ".join(argv if argv is not None else [])
+        command = "python -m benchmarks.bench_linear " + " ".join(argv if argv is not None else sys.argv[1:])
         header = [
             "# One routed linear against the plain linear and its memory floor",
             "",
-            f"`{command.strip()}` on {machine()}. Medians of interleaved calls; times in microseconds.",
+            f"`{command.strip()}` on {machine()}. Medians of interleaved calls; times in microseconds. {args.note}",
             "floor = (W + the distinct selected experts' A and B + the gates, in bytes) / (W in bytes) x plain.",
             "",
             summary,
