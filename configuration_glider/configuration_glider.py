@@ -25,6 +25,7 @@ CUSTOM_PIPELINES = {
 LOCAL_ROUTERS = ("phatgoose", "arrow")
 GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
 LORA_IMPLEMENTATIONS = ("auto", "dense", "gather", "grouped")
+ROUTING_COMPATIBILITIES = ("glider", "reference")
 # Routing knobs may change at any time (each assignment is checked); the library fields describe the tensors of a
 # built model and are fixed on it.
 ROUTING_KNOBS = (
@@ -36,6 +37,7 @@ ROUTING_KNOBS = (
     "global_routing_scale_unmatched",
     "arrow_temperature",
     "lora_implementation",
+    "routing_compatibility",
 )
 LIBRARY_FIELDS = ("experts", "local_router", "instruction_embedding_dim", "instruction_embedding_model")
 _UNSET = object()
@@ -139,6 +141,14 @@ class GliderConfig(T5Config):
         rows on, each expert once where rows share them, as beams do).
         `"grouped"`: groups tokens by expert, one matmul pair per expert in use (for many tokens).
         `"auto"`: `"gather"` for calls on up to 64 tokens (the decoding steps of up to 64 rows), `"grouped"` above.
+    routing_compatibility (`str`, defaults to `"glider"`):
+        `"glider"`: the routing described above. `"reference"`: the computation of the GLIDER authors' code
+        (UNITES-Lab/glider), to reproduce the paper from its released checkpoints: the last value of every
+        instruction embedding, expert and query side, is dropped before the cosine (their `bias_routing_dim = -1`);
+        with `router_top_p` set (below 1), the smallest set of experts whose probability reaches it over all experts
+        is kept and `router_top_k` is ignored; top-k weights are renormalised as `w / (sum(w) + 1e-6)`. The stored
+        expert embeddings are the full vectors in both modes (the truncation is part of the comparison), so the
+        switch is a routing knob.
     """
 
     model_type = "glider_t5"
@@ -156,6 +166,7 @@ class GliderConfig(T5Config):
     instruction_embedding_model: str | None = None
     base_model_name_or_path: str | None = None
     lora_implementation: str = "auto"
+    routing_compatibility: str = "glider"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("custom_pipelines", None)  # a constant of this class, see `custom_pipelines`
@@ -193,6 +204,15 @@ class GliderConfig(T5Config):
         if self.lora_implementation not in LORA_IMPLEMENTATIONS:
             raise ValueError(
                 f"lora_implementation must be one of {LORA_IMPLEMENTATIONS}, got {self.lora_implementation!r}."
+            )
+        if self.routing_compatibility not in ROUTING_COMPATIBILITIES:
+            raise ValueError(
+                f"routing_compatibility must be one of {ROUTING_COMPATIBILITIES}, got {self.routing_compatibility!r}."
+            )
+        if self.routing_compatibility == "reference" and self.instruction_embedding_dim == 1:
+            raise ValueError(
+                "routing_compatibility='reference' drops the last value of every instruction embedding, but they are "
+                "1 wide (instruction_embedding_dim = 1): nothing would be left to compare."
             )
         if not (0 < self.arrow_temperature < math.inf):
             raise ValueError(f"arrow_temperature must be > 0 and finite, got {self.arrow_temperature!r}.")
