@@ -15,7 +15,7 @@ from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.convert import convert_checkpoints
 from modeling_glider.hub import render_model_card
-from tests.conftest import EMBED_DIM, make_base, make_expert
+from tests.conftest import EMBED_DIM, assert_decisive, make_base, make_expert
 from tests.test_convert import glider_best_pt
 from tests.test_hub import markdown_table
 
@@ -103,7 +103,7 @@ def released(tmp_path_factory):
     converted = convert_checkpoints(
         checkpoints, root / "experts", embeddings=root / "router_nomic_instruction_embedding.pt"
     )
-    return base, checkpoints, converted, router_table, input_table
+    return base, checkpoints, converted, router_table, input_table, root
 
 
 def inputs(seed=0, batch=3):
@@ -124,7 +124,7 @@ CASES = [  # (alpha, top_k, top_p) as in the authors' evaluation script
 
 @pytest.mark.parametrize("alpha,top_k,top_p", CASES)
 def test_reference_mode_equals_the_authors_forward(released, alpha, top_k, top_p):
-    base, checkpoints, converted, router_table, input_table = released
+    base, checkpoints, converted, router_table, input_table, _ = released
     official = {"alpha": alpha, "top_k": top_k, "top_p": top_p, "drop_last": True, "eps": 1e-6, "top_p_over_all": True}
     reference = official_model(base, checkpoints, router_table, official)
     ours_default = {**official, "drop_last": False, "eps": 0.0, "top_p_over_all": False}
@@ -170,7 +170,7 @@ def test_reference_top_p_keeps_the_mass_over_all_experts_and_ignores_top_k():
 
 
 def test_routing_compatibility_is_a_checked_recorded_knob(released, tmp_path):
-    base, _, converted, _, _ = released
+    base, _, converted, _, _, _ = released
     model = GliderT5ForConditionalGeneration.from_experts(base, converted, top_k=2)
     assert model.config.routing_compatibility == "glider"
     with pytest.raises(ValueError, match="routing_compatibility must be one of .*'paper'"):
@@ -187,3 +187,44 @@ def test_routing_compatibility_is_a_checked_recorded_knob(released, tmp_path):
     assert loaded.config.routing_compatibility == "reference"
     routing = dict(markdown_table(render_model_card(loaded.config, "org/m").text, "Routing"))
     assert routing["Routing computation (`routing_compatibility`)"].startswith("reference")
+
+
+# The paper's protocol: every query of a task routed by the task's input-side embedding.
+
+
+def test_the_paper_protocol_routes_every_query_of_a_task_by_its_embedding(released, tokenizer, tmp_path):
+    from transformers import pipeline
+
+    from modeling_glider.paper import task_instruction_embeddings
+
+    base, checkpoints, converted, router_table, input_table, root = released
+    model = GliderT5ForConditionalGeneration.from_experts(
+        base, converted, top_k=2, global_routing_scale=100.0, routing_compatibility="reference"
+    )
+    path = root / "input_nomic_instruction_embedding.pt"
+    tasks = ["p3paws", "p3wiqa", "p3paws"]
+    rows = task_instruction_embeddings(path, tasks, model.config)
+    assert torch.equal(rows, torch.stack([input_table[t] for t in tasks]))
+
+    official = {"alpha": 100.0, "top_k": 2, "top_p": None, "drop_last": True, "eps": 1e-6, "top_p_over_all": True}
+    reference = official_model(base, checkpoints, router_table, official)
+    texts = ["reverse the word apple", "sort the letters of banana", "uppercase the word cherry"]
+    generator = pipeline("text2text-generation", model=model, tokenizer=tokenizer, instruction_generator=None)
+    got = generator(texts, instruction_embeddings=rows, max_new_tokens=4, do_sample=False)
+    for text, task, output in zip(texts, tasks, got):
+        set_task(official, input_table[task])
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        expected = reference.generate(
+            input_ids=ids, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        assert_decisive(expected)
+        assert output[0]["generated_text"] == tokenizer.decode(expected.sequences[0], skip_special_tokens=True)
+
+    with pytest.raises(ValueError, match=r"no entry for task 'p3pawz'; close: \['p3paws'\]"):
+        task_instruction_embeddings(input_table, ["p3pawz"], model.config)
+    with pytest.raises(ValueError, match=r"5 wide, the experts' 8 \(instruction_embedding_dim\)"):
+        task_instruction_embeddings({"p3paws": torch.ones(5)}, ["p3paws"], model.config)
+    with pytest.raises(ValueError, match="task 'p3paws' holds NaN"):
+        task_instruction_embeddings({"p3paws": torch.full((8,), float("nan"))}, ["p3paws"])
+    with pytest.raises(TypeError, match="one task name per query"):
+        task_instruction_embeddings(input_table, "p3paws")
