@@ -39,7 +39,15 @@ ROUTING_KNOBS = (
     "lora_implementation",
     "routing_compatibility",
 )
-LIBRARY_FIELDS = ("experts", "local_router", "instruction_embedding_dim", "instruction_embedding_model")
+LIBRARY_FIELDS = (
+    "experts",
+    "local_router",
+    "instruction_embedding_dim",
+    "instruction_embedding_model",
+    "instruction_embedding_prefix",
+    "instruction_embedding_truncate_dim",
+    "instruction_embedding_trust_remote_code",
+)
 _UNSET = object()
 EXPERT_KEYS = (
     "name",
@@ -132,6 +140,15 @@ class GliderConfig(T5Config):
         Width D of the instruction embeddings; `None` means the library has no global router.
     instruction_embedding_model (`str`, *optional*):
         Name of the sentence-embedding model the expert instructions were embedded with.
+    instruction_embedding_prefix (`str`, *optional*):
+        Text put before every instruction before it is embedded, as some models require (e.g. nomic-embed-text's
+        `"search_query: "`); queries are embedded with the same prefix.
+    instruction_embedding_truncate_dim (`int`, *optional*):
+        The embeddings keep the first this many values of the model's output, renormalised (Matryoshka models such as
+        nomic-embed-text); equals `instruction_embedding_dim` when set.
+    instruction_embedding_trust_remote_code (`bool`, defaults to `False`):
+        Whether the embedding model runs code from its repository (nomic-embed-text does); the pipeline loads it so.
+        These three, like the model's name, say what the stored expert embeddings mean, so they are fixed on a model.
     base_model_name_or_path (`str`, *optional*):
         The T5 the experts were fine-tuned from.
     lora_implementation (`str`, defaults to `"auto"`):
@@ -164,6 +181,9 @@ class GliderConfig(T5Config):
     arrow_temperature: float | int = 10.0
     instruction_embedding_dim: int | None = None
     instruction_embedding_model: str | None = None
+    instruction_embedding_prefix: str | None = None
+    instruction_embedding_truncate_dim: int | None = None
+    instruction_embedding_trust_remote_code: bool = False
     base_model_name_or_path: str | None = None
     lora_implementation: str = "auto"
     routing_compatibility: str = "glider"
@@ -177,6 +197,16 @@ class GliderConfig(T5Config):
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
         if self.instruction_embedding_dim is not None and self.instruction_embedding_dim < 1:
             raise ValueError(f"instruction_embedding_dim must be >= 1, got {self.instruction_embedding_dim!r}.")
+        if self.instruction_embedding_prefix is not None and not isinstance(self.instruction_embedding_prefix, str):
+            raise ValueError(
+                f"instruction_embedding_prefix must be a string, got {self.instruction_embedding_prefix!r}."
+            )
+        truncate_dim = self.instruction_embedding_truncate_dim
+        if truncate_dim is not None and truncate_dim != self.instruction_embedding_dim:
+            raise ValueError(
+                f"instruction_embedding_truncate_dim = {truncate_dim} must equal instruction_embedding_dim "
+                f"({self.instruction_embedding_dim}): the embeddings are truncated to the experts' width."
+            )
         super().__post_init__(**kwargs)
         self.auto_map = AUTO_MAP
 
