@@ -25,6 +25,7 @@ CUSTOM_PIPELINES = {
 LOCAL_ROUTERS = ("phatgoose", "arrow")
 GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
 LORA_IMPLEMENTATIONS = ("auto", "dense", "gather", "grouped")
+ROUTING_COMPATIBILITIES = ("glider", "reference")
 # Routing knobs may change at any time (each assignment is checked); the library fields describe the tensors of a
 # built model and are fixed on it.
 ROUTING_KNOBS = (
@@ -36,8 +37,17 @@ ROUTING_KNOBS = (
     "global_routing_scale_unmatched",
     "arrow_temperature",
     "lora_implementation",
+    "routing_compatibility",
 )
-LIBRARY_FIELDS = ("experts", "local_router", "instruction_embedding_dim", "instruction_embedding_model")
+LIBRARY_FIELDS = (
+    "experts",
+    "local_router",
+    "instruction_embedding_dim",
+    "instruction_embedding_model",
+    "instruction_embedding_prefix",
+    "instruction_embedding_truncate_dim",
+    "instruction_embedding_trust_remote_code",
+)
 _UNSET = object()
 EXPERT_KEYS = (
     "name",
@@ -130,6 +140,15 @@ class GliderConfig(T5Config):
         Width D of the instruction embeddings; `None` means the library has no global router.
     instruction_embedding_model (`str`, *optional*):
         Name of the sentence-embedding model the expert instructions were embedded with.
+    instruction_embedding_prefix (`str`, *optional*):
+        Text put before every instruction before it is embedded, as some models require (e.g. nomic-embed-text's
+        `"search_query: "`); queries are embedded with the same prefix.
+    instruction_embedding_truncate_dim (`int`, *optional*):
+        The embeddings keep the first this many values of the model's output, renormalised (Matryoshka models such as
+        nomic-embed-text); equals `instruction_embedding_dim` when set.
+    instruction_embedding_trust_remote_code (`bool`, defaults to `False`):
+        Whether the embedding model runs code from its repository (nomic-embed-text does); the pipeline loads it so.
+        These three, like the model's name, say what the stored expert embeddings mean, so they are fixed on a model.
     base_model_name_or_path (`str`, *optional*):
         The T5 the experts were fine-tuned from.
     lora_implementation (`str`, defaults to `"auto"`):
@@ -139,6 +158,14 @@ class GliderConfig(T5Config):
         rows on, each expert once where rows share them, as beams do).
         `"grouped"`: groups tokens by expert, one matmul pair per expert in use (for many tokens).
         `"auto"`: `"gather"` for calls on up to 64 tokens (the decoding steps of up to 64 rows), `"grouped"` above.
+    routing_compatibility (`str`, defaults to `"glider"`):
+        `"glider"`: the routing described above. `"reference"`: the computation of the GLIDER authors' code
+        (UNITES-Lab/glider), to reproduce the paper from its released checkpoints: the last value of every
+        instruction embedding, expert and query side, is dropped before the cosine (their `bias_routing_dim = -1`);
+        with `router_top_p` set (below 1), the smallest set of experts whose probability reaches it over all experts
+        is kept and `router_top_k` is ignored; top-k weights are renormalised as `w / (sum(w) + 1e-6)`. The stored
+        expert embeddings are the full vectors in both modes (the truncation is part of the comparison), so the
+        switch is a routing knob.
     """
 
     model_type = "glider_t5"
@@ -154,8 +181,12 @@ class GliderConfig(T5Config):
     arrow_temperature: float | int = 10.0
     instruction_embedding_dim: int | None = None
     instruction_embedding_model: str | None = None
+    instruction_embedding_prefix: str | None = None
+    instruction_embedding_truncate_dim: int | None = None
+    instruction_embedding_trust_remote_code: bool = False
     base_model_name_or_path: str | None = None
     lora_implementation: str = "auto"
+    routing_compatibility: str = "glider"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("custom_pipelines", None)  # a constant of this class, see `custom_pipelines`
@@ -166,6 +197,16 @@ class GliderConfig(T5Config):
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
         if self.instruction_embedding_dim is not None and self.instruction_embedding_dim < 1:
             raise ValueError(f"instruction_embedding_dim must be >= 1, got {self.instruction_embedding_dim!r}.")
+        if self.instruction_embedding_prefix is not None and not isinstance(self.instruction_embedding_prefix, str):
+            raise ValueError(
+                f"instruction_embedding_prefix must be a string, got {self.instruction_embedding_prefix!r}."
+            )
+        truncate_dim = self.instruction_embedding_truncate_dim
+        if truncate_dim is not None and truncate_dim != self.instruction_embedding_dim:
+            raise ValueError(
+                f"instruction_embedding_truncate_dim = {truncate_dim} must equal instruction_embedding_dim "
+                f"({self.instruction_embedding_dim}): the embeddings are truncated to the experts' width."
+            )
         super().__post_init__(**kwargs)
         self.auto_map = AUTO_MAP
 
@@ -193,6 +234,15 @@ class GliderConfig(T5Config):
         if self.lora_implementation not in LORA_IMPLEMENTATIONS:
             raise ValueError(
                 f"lora_implementation must be one of {LORA_IMPLEMENTATIONS}, got {self.lora_implementation!r}."
+            )
+        if self.routing_compatibility not in ROUTING_COMPATIBILITIES:
+            raise ValueError(
+                f"routing_compatibility must be one of {ROUTING_COMPATIBILITIES}, got {self.routing_compatibility!r}."
+            )
+        if self.routing_compatibility == "reference" and self.instruction_embedding_dim == 1:
+            raise ValueError(
+                "routing_compatibility='reference' drops the last value of every instruction embedding, but they are "
+                "1 wide (instruction_embedding_dim = 1): nothing would be left to compare."
             )
         if not (0 < self.arrow_temperature < math.inf):
             raise ValueError(f"arrow_temperature must be > 0 and finite, got {self.arrow_temperature!r}.")

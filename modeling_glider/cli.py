@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     expert.set_defaults(run=_train_expert)
 
     convert = commands.add_parser(
-        "convert", help="Convert released GLIDER/Phatgoose checkpoints to expert directories."
+        "convert", help="Convert released GLIDER/Phatgoose/MoLoRA checkpoints to expert directories."
     )
     convert.add_argument(
         "checkpoints", nargs="+", help="<task>_best.pt files, Phatgoose checkpoints, or folders of them."
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="Folder that receives one expert directory per expert.")
     convert.add_argument("--names", nargs="+", help="Expert names in order (needed for Phatgoose checkpoints).")
     convert.add_argument("--embeddings", help="torch.save'd {task: tensor} instruction embeddings.")
-    convert.add_argument("--instructions", help="JSON {task: text or [texts]}.")
+    convert.add_argument("--instructions", help="{task: text or [texts]}: JSON, or torch.save'd (.pt).")
     convert.add_argument("--embedding-model", help="Name of the model that embedded the instructions.")
     convert.add_argument("--embedding-dim", type=count, help="Keep only the first N embedding values (Matryoshka).")
     convert.add_argument("--lora-alpha", type=positive, default=1.0, help="1 reproduces their 1/r scaling (default).")

@@ -9,7 +9,7 @@ generator; `instruction_embeddings=` replaces both. `return_experts=True` adds t
 import torch
 from transformers import AutoModelForSeq2SeqLM, GenerationConfig, Pipeline
 
-from .embedding import InstructionEmbedder, check_embedder_matches, load_embedder
+from .embedding import InstructionEmbedder, check_embedder_matches, load_config_embedder
 from .instructions import embed_query_instructions, load_instruction_generator
 
 TASK = "text2text-generation"
@@ -68,7 +68,7 @@ class Text2TextGenerationPipeline(Pipeline):
                     "be embedded for it. Pass instruction_embedder=... (the experts' embedding model), "
                     "instruction_embeddings=..., or instruction_generator=None for local routing only."
                 )
-            embedder = load_embedder(str(name))
+            embedder = load_config_embedder(self.model.config, str(name))
         check_embedder_matches(self.model.config, embedder)
         return embedder
 
