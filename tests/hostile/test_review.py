@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors.torch import load_file, save_file
 
 from modeling_glider import GliderConfig, GliderT5ForConditionalGeneration
 from tests.conftest import EMBED_DIM, make_base, make_expert
@@ -104,6 +105,55 @@ def test_config_json_edits_are_refused_naming_the_field(world, tmp_path, path, v
     with pytest.raises((ValueError, TypeError, StrictDataclassError)) as caught:
         GliderT5ForConditionalGeneration.from_pretrained(folder)
     assert culprit in str(caught.value), str(caught.value)
+    assert tree_hashes(folder) == before
+
+
+# --- weights files -----------------------------------------------------------------------------------------------
+
+
+def _drop(key):
+    return lambda w: w.pop(key)
+
+
+WEIGHT_EDITS = {
+    "missing base q": (lambda w: w.pop("encoder.block.1.layer.0.SelfAttention.q.weight"), "SelfAttention.q.weight"),
+    "missing final norm": (lambda w: w.pop("decoder.final_layer_norm.weight"), "final_layer_norm"),
+    "extra base block": (
+        lambda w: w.update({"encoder.block.2.layer.0.SelfAttention.q.weight": torch.zeros(32, 32)}),
+        "encoder.block.2",
+    ),
+    "inf in lm_head": (lambda w: w["shared.weight"].__setitem__((0, 0), math.inf), "shared.weight"),
+    "lora_B wrong width": (
+        lambda w: w.update({"encoder.block.0.layer.0.SelfAttention.q.lora_B": torch.zeros(3, 32, 5)}),
+        "lora_B",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(WEIGHT_EDITS))
+def test_weights_that_disagree_with_the_config_are_refused(world, tmp_path, edit):
+    change, culprit = WEIGHT_EDITS[edit]
+    folder = copy_folder(world[0] / "saved", tmp_path / "m")
+    weights = load_file(folder / "model.safetensors")
+    change(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    before = tree_hashes(folder)
+    with pytest.raises(ValueError) as caught:
+        GliderT5ForConditionalGeneration.from_pretrained(folder)
+    assert culprit in str(caught.value), str(caught.value)
+    assert tree_hashes(folder) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_weights_file_names_the_file(world, tmp_path, damage):
+    folder = copy_folder(world[0] / "saved", tmp_path / "m")
+    data = (folder / "model.safetensors").read_bytes()
+    new = {"truncated": data[: len(data) // 2], "garbage": b"\x08\x00\x00\x00\x00\x00\x00\x00{{{{{{{{", "empty": b""}
+    (folder / "model.safetensors").write_bytes(new[damage])
+    before = tree_hashes(folder)
+    with pytest.raises(Exception) as caught:
+        GliderT5ForConditionalGeneration.from_pretrained(folder)
+    assert "model.safetensors" in str(caught.value) or str(folder) in str(caught.value), repr(caught.value)
     assert tree_hashes(folder) == before
 
 
