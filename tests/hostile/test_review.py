@@ -225,3 +225,39 @@ def test_config_update_is_checked(world, change):
         model.config.update(change)
     assert next(iter(change)) in str(caught.value)
     assert model.config.to_dict() == before
+
+
+# --- builder keywords that would change the base model silently ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"relative_attention_max_distance": 64},
+        {"layer_norm_epsilon": 1e-2},
+        {"d_model": 64},
+        {"feed_forward_proj": "relu"},
+        {"num_heads": 2},
+        {"vocab_size": 80},
+    ],
+)
+def test_from_experts_refuses_keywords_that_change_the_base(world, override):
+    _, base, dirs = world
+    with pytest.raises((TypeError, ValueError)) as caught:
+        GliderT5ForConditionalGeneration.from_experts(base, dirs[:2], **override)
+    assert next(iter(override)) in str(caught.value), str(caught.value)
+
+
+def test_from_experts_keeps_the_experts_embedding_model(world, tmp_path):
+    _, base, dirs = world
+    copies = []
+    for d in dirs[:2]:
+        c = copy_folder(d, tmp_path / d.name)
+        meta = json.loads((c / "glider_expert.json").read_text())
+        (c / "glider_expert.json").write_text(json.dumps({**meta, "embedding_model": "org/embedder-a"}))
+        copies.append(c)
+    with pytest.raises(ValueError) as caught:
+        GliderT5ForConditionalGeneration.from_experts(base, copies, instruction_embedding_model="org/embedder-b")
+    assert "org/embedder-a" in str(caught.value) and "instruction_embedding_model" in str(caught.value)
+    model = GliderT5ForConditionalGeneration.from_experts(base, copies, instruction_embedding_model="org/embedder-a")
+    assert model.config.instruction_embedding_model == "org/embedder-a"
