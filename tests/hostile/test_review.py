@@ -10,9 +10,10 @@ import shutil
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from modeling_glider import GliderConfig, GliderT5ForConditionalGeneration
+from modeling_glider import GliderConfig, GliderLinear, GliderT5ForConditionalGeneration
 from tests.conftest import EMBED_DIM, make_base, make_expert
 from tests.hostile.test_expert_inputs import tree_hashes
 
@@ -261,3 +262,131 @@ def test_from_experts_keeps_the_experts_embedding_model(world, tmp_path):
     assert "org/embedder-a" in str(caught.value) and "instruction_embedding_model" in str(caught.value)
     model = GliderT5ForConditionalGeneration.from_experts(base, copies, instruction_embedding_model="org/embedder-a")
     assert model.config.instruction_embedding_model == "org/embedder-a"
+
+
+# --- references: PEFT for one expert at top-1, plain T5 for zero-B experts ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rank_pattern": {"encoder.block.0.layer.0.SelfAttention.q": 5, "wo": 1}},
+        {"rank_pattern": {"decoder.*SelfAttention\\.(q|v)": 6}, "use_rslora": True},
+        {"targets": ("wo",), "layers": [1]},
+        {"gated": False, "targets": ("wi", "o")},
+    ],
+    ids=["rank_pattern", "regex rank_pattern + rslora", "one layer's wo", "relu base wi"],
+)
+@torch.no_grad()
+def test_one_expert_at_top_1_equals_peft(tmp_path, options):
+    options = dict(options)
+    base = make_base(seed=7, gated=options.pop("gated", True))
+    directory = make_expert(tmp_path, base, "solo", r=3, lora_alpha=5, seed=3, **options)
+    model = GliderT5ForConditionalGeneration.from_experts(base, [directory], top_k=1).eval()
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+    data = batch(embeddings=False)
+    expected, plain = reference(**data).logits, base(**data).logits
+    assert (expected - plain).abs().max() > 1e-2  # the expert changes the output
+    torch.testing.assert_close(model(**data).logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"router_top_p": 0.3}, {"local_router": "arrow"}, {"global_routing_policy": "threshold", "top_k": 3}],
+)
+@torch.no_grad()
+def test_zero_B_experts_equal_plain_t5(tmp_path, overrides):
+    base = make_base(seed=8, gated=False)
+    dirs = [
+        make_expert(tmp_path, base, f"z{i}", zero_B=True, seed=i, embedding=torch.randn(EMBED_DIM)) for i in range(3)
+    ]
+    model = GliderT5ForConditionalGeneration.from_experts(base, dirs, **overrides).eval()
+    data = batch()
+    expected = base(**{k: v for k, v in data.items() if k != "instruction_embeddings"}).logits
+    torch.testing.assert_close(model(**data).logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+# --- loading paths: device_map, dtype, inference mode ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{"device_map": "cpu"}, {"device_map": "auto"}, {"low_cpu_mem_usage": True}])
+@torch.no_grad()
+def test_loading_paths_route_as_the_saved_model(world, kwargs):
+    saved = world[0] / "saved"
+    expected = GliderT5ForConditionalGeneration.from_pretrained(saved).eval()
+    loaded = GliderT5ForConditionalGeneration.from_pretrained(saved, **kwargs).eval()
+    data = batch()
+    for module in loaded.modules():
+        if isinstance(module, GliderLinear) and module.num_experts:
+            assert module.expert_index.tolist() == module.expert_ids and module.lora_scaling.dtype == torch.float32
+    torch.testing.assert_close(loaded(**data).logits, expected(**data).logits, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_generate_in_inference_mode_equals_no_grad(world):
+    model = build(world)
+    data = batch()
+    data.pop("decoder_input_ids")
+    expected = model.generate(**data, max_new_tokens=4, do_sample=False)
+    with torch.inference_mode():
+        got = model.generate(**data, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_bf16_model_with_fp32_inputs_embeds_behaves_like_t5(world):
+    _, base, _ = world
+    model = build(world).to(torch.bfloat16)
+    t5 = copy.deepcopy(base).to(torch.bfloat16)
+    data = batch()
+    embeds = t5.shared(data["input_ids"]).float()
+    t5_error = model_error = None
+    try:
+        t5(inputs_embeds=embeds, decoder_input_ids=data["decoder_input_ids"])
+    except Exception as error:  # noqa: BLE001 - whatever T5 does, GliderT5 does
+        t5_error = type(error)
+    try:
+        model(inputs_embeds=embeds, decoder_input_ids=data["decoder_input_ids"])
+    except Exception as error:  # noqa: BLE001
+        model_error = type(error)
+    assert model_error == t5_error
+
+
+# --- the text2text-generation pipeline -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe(world, tokenizer):
+    from transformers import pipeline
+
+    return pipeline("text2text-generation", model=build(world), tokenizer=tokenizer, instruction_generator=None)
+
+
+@pytest.mark.parametrize(
+    "call, culprit",
+    [
+        (lambda p: p("a b", instruction_embeddings=torch.tensor(1.0)), "instruction_embeddings"),
+        (lambda p: p(["a", "b"], instruction_embeddings=torch.zeros(3, EMBED_DIM)), "instruction_embeddings"),
+        (lambda p: p("a", instruction_embeddings=torch.zeros(EMBED_DIM + 1)), "instruction_embeddings"),
+        (lambda p: p("a", instruction_embeddings=torch.full((EMBED_DIM,), math.nan)), "NaN"),
+        (lambda p: p(["a", "b"], instruction=["x"]), "instruction"),
+        (lambda p: p(5), "input"),
+        (lambda p: p([{"txt": "a"}]), "text"),
+    ],
+)
+def test_pipeline_refuses_bad_call_arguments_by_name(pipe, call, culprit):
+    with pytest.raises((ValueError, TypeError)) as caught:
+        call(pipe)
+    assert culprit in str(caught.value), str(caught.value)
+
+
+@torch.no_grad()
+def test_pipeline_batched_equals_one_by_one_and_generate(pipe, tokenizer):
+    texts = ["reverse the word apple", "sort the letters", "the quick brown fox jumps over"]
+    u = torch.randn(3, EMBED_DIM, generator=torch.Generator().manual_seed(1))
+    one = [pipe(t, instruction_embeddings=row, max_new_tokens=5)[0]["generated_text"] for t, row in zip(texts, u)]
+    batched = pipe(texts, instruction_embeddings=u, max_new_tokens=5, batch_size=3)
+    assert [b[0]["generated_text"] for b in batched] == one
+    ids = tokenizer(texts[0], return_tensors="pt")
+    expected = pipe.model.generate(**ids, instruction_embeddings=u[:1], max_new_tokens=5)
+    assert one[0] == tokenizer.decode(expected[0], skip_special_tokens=True)
