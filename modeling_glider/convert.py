@@ -221,6 +221,8 @@ def convert_checkpoints(
     """
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
+    if not checkpoints:
+        raise ValueError("checkpoints is empty: give checkpoint files or folders of them.")
     files = []
     for checkpoint in map(Path, checkpoints):
         if checkpoint.is_dir():
@@ -248,7 +250,7 @@ def convert_checkpoints(
     if embeddings is not None:
         embedding_table = load_torch_file(Path(embeddings), "Instruction embeddings")
         if not isinstance(embedding_table, dict) or not all(
-            isinstance(v, torch.Tensor) for v in embedding_table.values()
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in embedding_table.items()
         ):
             raise ValueError(f"Instruction embeddings {embeddings}: expected a dict {{task: tensor}}.")
     instructions_source = instructions if isinstance(instructions, (str, os.PathLike)) else "(dict)"
@@ -286,7 +288,13 @@ def convert_checkpoints(
                         raise ValueError(
                             f"Instruction embeddings {embeddings} have no entry for {name!r}; some entries: {available}."
                         )
-                    embedding = embedding.float().flatten()[:embedding_dim]
+                    embedding = embedding.float().flatten()
+                    if embedding_dim is not None and embedding_dim > embedding.numel():
+                        raise ValueError(
+                            f"Instruction embeddings {embeddings}: {name!r} has {embedding.numel()} values, fewer than "
+                            f"embedding_dim = {embedding_dim}."
+                        )
+                    embedding = embedding[:embedding_dim]
                     if not torch.isfinite(embedding).all():
                         raise ValueError(f"Instruction embeddings {embeddings}: {name!r} holds NaN or inf values.")
                 instruction = _instruction(instructions or {}, name, instructions_source)

@@ -14,6 +14,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from modeling_glider import GliderConfig, GliderLinear, GliderT5ForConditionalGeneration
+from modeling_glider.convert import convert_checkpoints
+from modeling_glider.describe import describe_experts
+from modeling_glider.embedding import InstructionEmbedder
+from modeling_glider.training import train_expert, train_gates
 from tests.conftest import EMBED_DIM, make_base, make_expert
 from tests.hostile.test_expert_inputs import tree_hashes
 
@@ -390,3 +394,105 @@ def test_pipeline_batched_equals_one_by_one_and_generate(pipe, tokenizer):
     ids = tokenizer(texts[0], return_tensors="pt")
     expected = pipe.model.generate(**ids, instruction_embeddings=u[:1], max_new_tokens=5)
     assert one[0] == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+# --- convert, describe, training arguments ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(world):
+    root, _, dirs = world
+    state = {
+        k.replace(".weight", ".default.weight"): v for k, v in load_file(dirs[0] / "adapter_model.safetensors").items()
+    }
+    torch.save(state, root / "task_best.pt")
+    return root / "task_best.pt"
+
+
+def _convert_case(tmp_path, checkpoint, **kwargs):
+    convert_checkpoints([checkpoint], tmp_path / "out", gates=False, **kwargs)
+
+
+CONVERT_CASES = {
+    "embedding table with int keys": (lambda p: torch.save({1: torch.ones(4)}, p), "embeddings", "task"),
+    "embedding_dim wider than the embeddings": (lambda p: torch.save({"task": torch.ones(4)}, p), "embedding_dim", "4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT_CASES))
+def test_convert_refuses_embedding_tables_by_name(tmp_path, checkpoint, case):
+    write, *culprits = CONVERT_CASES[case]
+    write(tmp_path / "emb.pt")
+    before = tree_hashes(tmp_path)
+    with pytest.raises((ValueError, TypeError)) as caught:
+        convert_checkpoints(
+            [checkpoint], tmp_path / "out", gates=False, embeddings=tmp_path / "emb.pt", embedding_dim=6
+        )
+    for culprit in culprits:
+        assert culprit in str(caught.value), str(caught.value)
+    assert tree_hashes(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_convert_of_no_checkpoints_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="checkpoints"):
+        convert_checkpoints([], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+class LetterEmbedder(InstructionEmbedder):
+    def __init__(self):
+        self.model_id, self.dim = "letter-counts", 8
+
+    def embed(self, texts):
+        counts = torch.tensor([[1.0 + text.lower().count(c) for c in "abcdefgh"] for text in texts])
+        return counts / counts.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("instruction", [5, "", "   ", ["a list"]])
+def test_describe_refuses_instructions_that_are_not_text(world, tmp_path, instruction):
+    expert = copy_folder(world[2][0], tmp_path / "e0")
+    meta = json.loads((expert / "glider_expert.json").read_text())
+    (expert / "glider_expert.json").write_text(json.dumps({**meta, "instruction": "The old instruction."}))
+    before = tree_hashes(tmp_path)
+    with pytest.raises((ValueError, TypeError)) as caught:
+        describe_experts([expert], instructions={"e0": instruction}, embedder=LetterEmbedder())
+    assert "'e0'" in str(caught.value) and "instruction" in str(caught.value), str(caught.value)
+    assert tree_hashes(tmp_path) == before
+
+
+TRAINING_CASES = [
+    (train_expert, {"target_modules": "wo"}, "target_modules"),
+    (train_expert, {"trainer_args": {"max_steps": 50}}, "max_steps"),
+    (train_expert, {"trainer_args": {"output_dir": "/tmp/elsewhere"}}, "output_dir"),
+    (train_expert, {"trainer_args": "fast"}, "trainer_args"),
+    (train_expert, {"seed": "x"}, "seed"),
+    (train_expert, {"seed": True}, "seed"),
+    (train_expert, {"bf16": "no"}, "bf16"),
+    (train_expert, {"instruction_embedding": torch.tensor([math.nan, 1.0])}, "instruction_embedding"),
+    (train_expert, {"instruction_embedding": torch.ones(2, 2)}, "instruction_embedding"),
+    (train_expert, {"embedding_model": 5}, "embedding_model"),
+    (train_gates, {"trainer_args": {"learning_rate": 1.0}}, "learning_rate"),
+    (train_gates, {"seed": 1.5}, "seed"),
+]
+
+
+@pytest.mark.parametrize(
+    "function, kwargs, culprit",
+    TRAINING_CASES,
+    ids=[f"{f.__name__}-{list(k)[0]}={k[list(k)[0]]!r}" for f, k, _ in TRAINING_CASES],
+)
+def test_training_arguments_are_checked_before_training(
+    world, tmp_path, tokenizer, monkeypatch, function, kwargs, culprit
+):
+    root, base, dirs = world
+    monkeypatch.setattr("modeling_glider.training._fit", lambda *a, **k: pytest.fail("trained with a bad argument"))
+    expert = copy_folder(dirs[0], tmp_path / "expert")
+    data = [{"input": "a b c", "target": "c b a"}]
+    before = tree_hashes(tmp_path)
+    with pytest.raises((ValueError, TypeError)) as caught:
+        if function is train_expert:
+            train_expert(base, data, tmp_path / "new", name="new", tokenizer=tokenizer, steps=1, **kwargs)
+        else:
+            train_gates(base, expert, data, tokenizer=tokenizer, steps=1, **kwargs)
+    assert culprit in str(caught.value), str(caught.value)
+    assert tree_hashes(tmp_path) == before and not (tmp_path / "new").exists()
