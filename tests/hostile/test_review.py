@@ -17,8 +17,10 @@ from modeling_glider import GliderConfig, GliderLinear, GliderT5ForConditionalGe
 from modeling_glider.convert import convert_checkpoints
 from modeling_glider.describe import describe_experts
 from modeling_glider.embedding import InstructionEmbedder
+from modeling_glider.experts import load_expert
 from modeling_glider.training import train_expert, train_gates
 from tests.conftest import EMBED_DIM, make_base, make_expert
+from tests.hostile.test_cli import run_failing
 from tests.hostile.test_expert_inputs import tree_hashes
 
 
@@ -496,3 +498,235 @@ def test_training_arguments_are_checked_before_training(
             train_gates(base, expert, data, tokenizer=tokenizer, steps=1, **kwargs)
     assert culprit in str(caught.value), str(caught.value)
     assert tree_hashes(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+# --- the command line: one line naming the culprit, nothing written --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_world(world, checkpoint, tokenizer):
+    root = world[0]
+    cli = root / "cli"
+    cli.mkdir()
+    for name in ("model", "no-tokenizer", "bad-json", "truncated"):
+        copy_folder(root / "saved", cli / name)
+    for name in ("model", "bad-json", "truncated"):
+        tokenizer.save_pretrained(cli / name)
+    (cli / "bad-json" / "config.json").write_text('{"model_type": "glider_t5",')
+    data = (cli / "truncated" / "model.safetensors").read_bytes()
+    (cli / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    copy_folder(root / "base", cli / "t5")
+    tokenizer.save_pretrained(cli / "t5")
+    torch.save({1: torch.ones(4)}, cli / "int-keys.pt")
+    (cli / "a-file").write_text("not a folder")
+    (cli / "empty-folder").mkdir()
+    return cli
+
+
+CLI_CASES = [
+    (
+        ["convert", "{r}/task_best.pt", "--out", "{c}/out", "--no-gates", "--embeddings", "{c}/int-keys.pt"],
+        "int-keys.pt",
+    ),
+    (["convert", "{r}/task_best.pt", "--out", "{c}/a-file", "--no-gates"], "a-file"),
+    (["convert", "{c}/empty-folder", "--out", "{c}/out"], "empty-folder"),
+    (["generate", "{c}/no-tokenizer", "q"], "no-tokenizer"),
+    (["generate", "{c}/t5", "q"], "GliderT5"),
+    (["generate", "{c}/bad-json", "q"], "config.json"),
+    (["generate", "{c}/truncated", "q"], "truncated"),
+    (["generate", "{c}/model", "q", "--embedder", "{c}/nowhere"], "nowhere"),
+    (["generate", "{c}/model", "q", "--instruction", "  "], "nstruction"),
+    (["build", "--base", "{c}/empty-folder", "--experts", "{r}/e0", "--out", "{c}/out"], "empty-folder"),
+    (["build", "--base", "{r}/base", "--experts", "{r}/e0", "--out", "{c}/a-file/sub", "--top-k", "1"], "a-file"),
+    (["build", "--base", "{r}/base", "--experts", "{r}/e0", "{r}/e0", "--out", "{c}/out"], "'e0'"),
+    (
+        ["build", "--base", "{r}/base", "--experts", "{r}/e0", "--out", "{c}/out", "--tokenizer", "{c}/nowhere"],
+        "nowhere",
+    ),
+    (["describe-experts", "{r}/e0", "--instruction", "e0="], "'e0'"),
+    (["describe-experts", "{c}/nowhere"], "nowhere"),
+    (["push", "{c}/model", "not a repo id!"], "not a repo id!"),
+    (["push", "{c}/model", "org/x", "--card", "{c}/empty-folder"], "empty-folder"),
+    (["demo", "--out", "{c}/a-file"], "a-file"),
+]
+
+
+@pytest.mark.parametrize("argv, culprit", CLI_CASES, ids=[f"{a[0]}-{c}" for a, c in CLI_CASES])
+def test_cli_failures_are_one_line_naming_the_culprit(world, cli_world, capsys, argv, culprit):
+    argv = [arg.format(r=world[0], c=cli_world) for arg in argv]
+    before = tree_hashes(world[0])
+    code, line = run_failing(argv, capsys)
+    assert code != 0 and culprit in line, line
+    assert tree_hashes(world[0]) == before
+
+
+# --- add_expert / remove_expert, forward and generate arguments: refused by name, the model unchanged -----------
+
+
+def _expert_variant(world, tmp_path, change):
+    directory = copy_folder(world[2][2], tmp_path / "variant")
+    change(directory)
+    return directory
+
+
+def _json_edit(file, **changes):
+    return lambda d: (d / file).write_text(json.dumps({**json.loads((d / file).read_text()), **changes}))
+
+
+def _tensors_edit(file, change):
+    def edit(d):
+        tensors = load_file(d / file)
+        change(tensors)
+        save_file(tensors, d / file)
+
+    return edit
+
+
+ADD_CASES = {
+    "same name": (_json_edit("glider_expert.json", name="e0"), "'e0'"),
+    "NaN gate": (
+        _tensors_edit(
+            "glider_expert.safetensors", lambda t: t["gate.encoder.block.0.layer.0.SelfAttention.q"].fill_(math.nan)
+        ),
+        "NaN",
+    ),
+    "narrower embedding": (
+        _tensors_edit("glider_expert.safetensors", lambda t: t.update(instruction_embedding=torch.ones(4))),
+        "instruction_embedding",
+    ),
+    "no embedding": (
+        _tensors_edit("glider_expert.safetensors", lambda t: t.pop("instruction_embedding")),
+        "instruction_embedding",
+    ),
+    "no glider_expert.json": (lambda d: (d / "glider_expert.json").unlink(), "glider_expert.json"),
+    "lora_A of another width": (
+        _tensors_edit(
+            "adapter_model.safetensors",
+            lambda t: t.update(
+                {"base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.ones(4, 16)}
+            ),
+        ),
+        "SelfAttention.q",
+    ),
+    "module the base lacks": (
+        _tensors_edit(
+            "adapter_model.safetensors",
+            lambda t: t.update(
+                {
+                    "base_model.model.encoder.block.9.layer.0.SelfAttention.q.lora_A.weight": torch.ones(4, 32),
+                    "base_model.model.encoder.block.9.layer.0.SelfAttention.q.lora_B.weight": torch.ones(32, 4),
+                }
+            ),
+        ),
+        "encoder.block.9",
+    ),
+    "unicode name": (_json_edit("glider_expert.json", name="задача/../x"), "задача/../x"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADD_CASES))
+@torch.no_grad()
+def test_add_expert_refuses_by_name_and_changes_nothing(world, tmp_path, case):
+    change, culprit = ADD_CASES[case]
+    model, data = build(world, n=2), batch()
+    expected, names = model(**data).logits, model.config.expert_names
+    directory = _expert_variant(world, tmp_path, change)
+    before = tree_hashes(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError)) as caught:
+        model.add_expert(directory)
+    assert culprit in str(caught.value), str(caught.value)
+    assert model.config.expert_names == names and tree_hashes(tmp_path) == before
+    torch.testing.assert_close(model(**data).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, culprit", [("nope", "'nope'"), (0, "0"), (None, "None")])
+@torch.no_grad()
+def test_remove_expert_refuses_unknown_names(world, name, culprit):
+    model, data = build(world), batch()
+    expected = model(**data).logits
+    with pytest.raises(ValueError, match=culprit):
+        model.remove_expert(name)
+    assert model.config.expert_names == ["e0", "e1", "e2"]
+    torch.testing.assert_close(model(**data).logits, expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_remove_then_add_routes_like_a_fresh_build(world, tmp_path):
+    model, data = build(world), batch()
+    model.remove_expert("e0")
+    model.add_expert(world[2][0])
+    _, base, dirs = world
+    fresh = GliderT5ForConditionalGeneration.from_experts(base, [dirs[1], dirs[2], dirs[0]], top_k=2).eval()
+    expected = fresh(**data).logits
+    torch.testing.assert_close(model(**data).logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    model.save_pretrained(tmp_path / "m")
+    loaded = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded(**data).logits, model(**data).logits, rtol=0, atol=0)
+
+
+FORWARD_CASES = [
+    ({"instruction_embeddings": [[0.0] * EMBED_DIM] * 2}, ValueError, "instruction_embeddings"),
+    ({"instruction_embeddings": torch.ones(2, EMBED_DIM, dtype=torch.long)}, ValueError, "float"),
+    ({"instruction_embeddings": torch.ones(2, EMBED_DIM, 1)}, ValueError, "instruction_embeddings"),
+    (
+        {"instruction_embeddings": torch.ones(2, EMBED_DIM), "global_routing_logits": torch.zeros(2, 3)},
+        ValueError,
+        "not both",
+    ),
+    ({"global_routing_logits": torch.zeros(2, 2)}, ValueError, "global_routing_logits"),
+    ({"global_routing_logits": torch.full((2, 3), math.inf)}, RuntimeError, "global_routing_logits"),
+]
+
+
+@pytest.mark.parametrize("extra, error, culprit", FORWARD_CASES, ids=[c for *_, c in FORWARD_CASES])
+@torch.no_grad()
+def test_forward_refuses_bad_routing_inputs(world, extra, error, culprit):
+    model = build(world)
+    with pytest.raises(error, match=culprit):
+        model(**batch(embeddings=False), **extra)
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [
+        ({"output_routing": True}, "return_dict_in_generate"),
+        ({"instruction_embeddings": torch.ones(3, EMBED_DIM)}, "instruction_embeddings"),
+        ({"global_routing_logits": torch.zeros(2, 4)}, "global_routing_logits"),
+    ],
+)
+@torch.no_grad()
+def test_generate_refuses_bad_routing_inputs(world, kwargs, culprit):
+    model = build(world)
+    with pytest.raises(ValueError, match=culprit):
+        model.generate(batch(embeddings=False)["input_ids"], max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [
+        ({"experts": [{"name": "a"}]}, "target_modules"),
+        ({"experts": {"a": 1}}, "experts"),
+        ({"experts": [{"name": "a", "target_modules": ["q"], "r": 2}], "router_top_k": 2}, "router_top_k"),
+        (
+            {"experts": [{"name": "a", "target_modules": ["q"], "r": 2, "use_rslora": 1}], "router_top_k": 1},
+            "use_rslora",
+        ),
+    ],
+)
+def test_config_constructor_refuses_by_name(kwargs, culprit):
+    with pytest.raises((ValueError, TypeError, StrictDataclassError), match=culprit):
+        GliderConfig(**kwargs)
+
+
+def test_duplicate_json_keys_cannot_smuggle_a_path_name(world, tmp_path):
+    directory = copy_folder(world[2][0], tmp_path / "dup")
+    (directory / "glider_expert.json").write_text('{"name": "ok", "name": "../evil"}')
+    with pytest.raises(ValueError, match="'../evil'"):
+        load_expert(directory)
+
+
+def test_convert_unicode_names_stay_inside_out(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    written = convert_checkpoints([checkpoint], out, gates=False, names=["задача ✓"])
+    assert written == [out / "задача ✓"] and sorted(p.name for p in out.iterdir()) == ["задача ✓"]
+    assert load_expert(written[0]).name == "задача ✓"
