@@ -730,3 +730,37 @@ def test_convert_unicode_names_stay_inside_out(tmp_path, checkpoint):
     written = convert_checkpoints([checkpoint], out, gates=False, names=["задача ✓"])
     assert written == [out / "задача ✓"] and sorted(p.name for p in out.iterdir()) == ["задача ✓"]
     assert load_expert(written[0]).name == "задача ✓"
+
+
+# --- save_pretrained and links: nothing outside the target changes ---------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["target is a link", "file link inside", "folder link inside"])
+def test_save_pretrained_never_writes_through_links(world, tmp_path, layout):
+    outside, target = tmp_path / "outside", tmp_path / "target"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("keep me")
+    (outside / "model.safetensors").write_bytes(b"someone else's file")
+    if layout == "target is a link":
+        real = tmp_path / "real"
+        shutil.copytree(world[0] / "saved", real)
+        target.symlink_to(real, target_is_directory=True)
+    else:
+        shutil.copytree(world[0] / "saved", target)
+        if layout == "file link inside":
+            (target / "notes.txt").symlink_to(outside / "notes.txt")
+            (target / "model.safetensors").unlink()
+            (target / "model.safetensors").symlink_to(outside / "model.safetensors")
+        else:
+            (target / "linked").symlink_to(outside, target_is_directory=True)
+    before = tree_hashes(outside)
+    model = build(world, n=2)
+    model.save_pretrained(target)
+    assert tree_hashes(outside) == before
+    assert target.resolve().is_dir() and (target / "config.json").is_file()
+    if layout == "target is a link":
+        assert target.is_symlink()
+    elif layout == "file link inside":
+        assert (target / "notes.txt").read_text() == "keep me" and not (target / "model.safetensors").is_symlink()
+    loaded = GliderT5ForConditionalGeneration.from_pretrained(target)
+    assert loaded.config.expert_names == ["e0", "e1"]
