@@ -96,6 +96,26 @@ class ReadOnlyDict(ExpertEntry):
     __setitem__ = ExpertEntry._refuse
 
 
+class ReadOnlyList(list):
+    """A config's expert list, or an expert's target modules: read-only, like `ExpertEntry` (reordering the experts in
+    place would give each expert's tensors another expert's name and scalings)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            "The expert list and an expert's target modules cannot change in place (the model's tensors were made "
+            "from them); use add_expert / remove_expert, or build a new model."
+        )
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self):
+        return type(self), (list(self),)
+
+    def __deepcopy__(self, memo):
+        return type(self)(copy.deepcopy(list(self), memo))
+
+
 def matches_pattern(pattern: str, module_path: str) -> bool:
     """PEFT's rule for `target_modules` names and `rank_pattern`/`alpha_pattern` keys: the pattern matches the
     whole path or a dotted suffix of it."""
@@ -295,7 +315,7 @@ class GliderConfig(T5Config):
     def normalise_experts(cls, experts: list) -> list:
         if not isinstance(experts, list):
             raise ValueError(f"experts must be a list of expert descriptions, got {type(experts).__name__}.")
-        experts = [cls._normalise_expert(i, e) for i, e in enumerate(experts)]
+        experts = ReadOnlyList(cls._normalise_expert(i, e) for i, e in enumerate(experts))
         names = [e["name"] for e in experts]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -314,13 +334,25 @@ class GliderConfig(T5Config):
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"Expert {name!r}: 'target_modules' must be a non-empty list of module names.")
         r = expert.get("r")
-        if not isinstance(r, int) or r < 1:
+        if not _positive_number(r) or not isinstance(r, int):
             raise ValueError(f"Expert {name!r}: 'r' must be a positive integer, got {r!r}.")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(expert.get(key) or {}, dict):
+                raise ValueError(f"Expert {name!r}: '{key}' must be an object, got {expert[key]!r}.")
+        patterns = [("target_modules", t) for t in targets]
+        patterns += [(key, p) for key in ("rank_pattern", "alpha_pattern") for p in expert.get(key) or {}]
+        for key, pattern in patterns:
+            try:
+                re.compile(pattern)  # PEFT reads each as a regular expression
+            except re.error as error:
+                raise ValueError(
+                    f"Expert {name!r}: {key} entry {pattern!r} is not a valid regular expression ({error})."
+                ) from None
         normalised = ExpertEntry(
             name=name,
             instruction=expert.get("instruction") or "",
             source=expert.get("source") or "",
-            target_modules=sorted(targets),
+            target_modules=ReadOnlyList(sorted(targets)),
             r=r,
             lora_alpha=expert.get("lora_alpha", r),
             use_rslora=expert.get("use_rslora", False),
@@ -335,9 +367,11 @@ class GliderConfig(T5Config):
             raise ValueError(
                 f"Expert {name!r}: 'lora_alpha' must be a finite number > 0, got {normalised['lora_alpha']!r}."
             )
-        for key, value in {**normalised["rank_pattern"], **normalised["alpha_pattern"]}.items():
-            if not _positive_number(value):
-                raise ValueError(f"Expert {name!r}: rank/alpha pattern {key!r} has an invalid value {value!r}.")
+        for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+            for pattern, value in normalised[key].items():
+                if not _positive_number(value) or (integer and not isinstance(value, int)):
+                    kind = "a positive integer" if integer else "a finite number > 0"
+                    raise ValueError(f"Expert {name!r}: {key}[{pattern!r}] must be {kind}, got {value!r}.")
         return normalised
 
     @property

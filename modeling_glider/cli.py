@@ -208,12 +208,20 @@ def _describe_experts(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from transformers import pipeline  # importing this package registered glider_t5 and the pipeline task
+    # importing this package registered glider_t5 and the pipeline task
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
+    # Loaded here, not by `pipeline`, whose error for a model that does not load holds the whole traceback.
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{args.model} holds no tokenizer that loads (save one beside the model): {error}") from None
     generator = None if args.generator == "none" else args.generator
     pipe = pipeline(
-        "text2text-generation", model=args.model, instruction_generator=generator, instruction_embedder=args.embedder
-    )
+        "text2text-generation", model=model, tokenizer=tokenizer, instruction_generator=generator,
+        instruction_embedder=args.embedder,
+    )  # fmt: skip
     outputs = pipe(
         args.queries, instruction=args.instruction, return_experts=True, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,

@@ -312,6 +312,8 @@ def convert_checkpoints(
     """
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
+    if not checkpoints:
+        raise ValueError("checkpoints is empty: give checkpoint files or folders of them.")
     files = []
     for checkpoint in map(Path, checkpoints):
         if checkpoint.is_dir():
@@ -370,6 +372,11 @@ def convert_checkpoints(
                         available = sorted(embedding_table)[:8]
                         raise ValueError(
                             f"Instruction embeddings {embeddings} have no entry for {name!r}; some entries: {available}."
+                        )
+                    if embedding_dim is not None and embedding_dim > embedding.numel():
+                        raise ValueError(
+                            f"Instruction embeddings {embeddings}: {name!r} has {embedding.numel()} values, fewer than "
+                            f"embedding_dim = {embedding_dim}."
                         )
                     embedding = embedding[:embedding_dim]
                 instruction = _instruction(instructions or {}, name, instructions_source)
