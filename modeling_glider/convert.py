@@ -87,7 +87,9 @@ def load_task_embeddings(path: str | os.PathLike, what: str = "Instruction embed
         raise ValueError(f"{what} {path}: expected a dict {{task: tensor}}.")
     widths = {}
     for task, vector in table.items():
-        if not isinstance(task, str) or not vector.is_floating_point() or vector.squeeze().dim() != 1:
+        if not isinstance(task, str):
+            raise ValueError(f"{what} {path}: the key {task!r} is not a task name (a string).")
+        if not vector.is_floating_point() or vector.squeeze().dim() != 1:
             raise ValueError(f"{what} {path}: the entry {task!r} is not a float vector (shape {tuple(vector.shape)}).")
         if not torch.isfinite(vector).all():
             raise ValueError(f"{what} {path}: {task!r} holds NaN or inf values.")
