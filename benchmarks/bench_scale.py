@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = QUICK if args.quick else FULL
     setup = replace(setup, **{k: tuple(v) for k, v in (("experts", args.experts), ("dtypes", args.dtypes)) if v})
     name = "bench_scale_quick" if args.quick else "bench_scale"
-    command = "python benchmarks/bench_scale.py " + " ".join(argv)
+    command = shlex.join(["python", "benchmarks/bench_scale.py", *argv])
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.work) as work:
         root = Path(work)
