@@ -51,7 +51,12 @@ class ReferenceLoopLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.module_path, self.top_k = linear.module_path, linear.config.router_top_k
-        if linear.config.router_top_p is not None or linear.config.local_router != "phatgoose":
+        config = linear.config
+        if (
+            config.router_top_p is not None
+            or config.local_router != "phatgoose"
+            or config.routing_compatibility != "glider"
+        ):
             raise ValueError("The reference loop is rebuilt for top-k Phatgoose/GLIDER routing only.")
         self.num_experts = linear.num_experts
         self.register_buffer("expert_index", linear.expert_index.clone(), persistent=False)

@@ -25,6 +25,7 @@ CUSTOM_PIPELINES = {
 LOCAL_ROUTERS = ("phatgoose", "arrow")
 GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
 LORA_IMPLEMENTATIONS = ("auto", "dense", "gather", "grouped")
+ROUTING_COMPATIBILITIES = ("glider", "reference")
 # Routing knobs may change at any time (each assignment is checked); the library fields describe the tensors of a
 # built model and are fixed on it.
 ROUTING_KNOBS = (
@@ -36,8 +37,17 @@ ROUTING_KNOBS = (
     "global_routing_scale_unmatched",
     "arrow_temperature",
     "lora_implementation",
+    "routing_compatibility",
 )
-LIBRARY_FIELDS = ("experts", "local_router", "instruction_embedding_dim", "instruction_embedding_model")
+LIBRARY_FIELDS = (
+    "experts",
+    "local_router",
+    "instruction_embedding_dim",
+    "instruction_embedding_model",
+    "instruction_embedding_prefix",
+    "instruction_embedding_truncate_dim",
+    "instruction_embedding_trust_remote_code",
+)
 _UNSET = object()
 EXPERT_KEYS = (
     "name",
@@ -86,6 +96,26 @@ class ReadOnlyDict(ExpertEntry):
     __setitem__ = ExpertEntry._refuse
 
 
+class ReadOnlyList(list):
+    """A config's expert list, or an expert's target modules: read-only, like `ExpertEntry` (reordering the experts in
+    place would give each expert's tensors another expert's name and scalings)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            "The expert list and an expert's target modules cannot change in place (the model's tensors were made "
+            "from them); use add_expert / remove_expert, or build a new model."
+        )
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __reduce__(self):
+        return type(self), (list(self),)
+
+    def __deepcopy__(self, memo):
+        return type(self)(copy.deepcopy(list(self), memo))
+
+
 def matches_pattern(pattern: str, module_path: str) -> bool:
     """PEFT's rule for `target_modules` names and `rank_pattern`/`alpha_pattern` keys: the pattern matches the
     whole path or a dotted suffix of it."""
@@ -130,6 +160,15 @@ class GliderConfig(T5Config):
         Width D of the instruction embeddings; `None` means the library has no global router.
     instruction_embedding_model (`str`, *optional*):
         Name of the sentence-embedding model the expert instructions were embedded with.
+    instruction_embedding_prefix (`str`, *optional*):
+        Text put before every instruction before it is embedded, as some models require (e.g. nomic-embed-text's
+        `"search_query: "`); queries are embedded with the same prefix.
+    instruction_embedding_truncate_dim (`int`, *optional*):
+        The embeddings keep the first this many values of the model's output, renormalised (Matryoshka models such as
+        nomic-embed-text); equals `instruction_embedding_dim` when set.
+    instruction_embedding_trust_remote_code (`bool`, defaults to `False`):
+        Whether the embedding model runs code from its repository (nomic-embed-text does); the pipeline loads it so.
+        These three, like the model's name, say what the stored expert embeddings mean, so they are fixed on a model.
     base_model_name_or_path (`str`, *optional*):
         The T5 the experts were fine-tuned from.
     lora_implementation (`str`, defaults to `"auto"`):
@@ -139,6 +178,14 @@ class GliderConfig(T5Config):
         rows on, each expert once where rows share them, as beams do).
         `"grouped"`: groups tokens by expert, one matmul pair per expert in use (for many tokens).
         `"auto"`: `"gather"` for calls on up to 64 tokens (the decoding steps of up to 64 rows), `"grouped"` above.
+    routing_compatibility (`str`, defaults to `"glider"`):
+        `"glider"`: the routing described above. `"reference"`: the computation of the GLIDER authors' code
+        (UNITES-Lab/glider), to reproduce the paper from its released checkpoints: the last value of every
+        instruction embedding, expert and query side, is dropped before the cosine (their `bias_routing_dim = -1`);
+        with `router_top_p` set (below 1), the smallest set of experts whose probability reaches it over all experts
+        is kept and `router_top_k` is ignored; top-k weights are renormalised as `w / (sum(w) + 1e-6)`. The stored
+        expert embeddings are the full vectors in both modes (the truncation is part of the comparison), so the
+        switch is a routing knob.
     """
 
     model_type = "glider_t5"
@@ -154,8 +201,12 @@ class GliderConfig(T5Config):
     arrow_temperature: float | int = 10.0
     instruction_embedding_dim: int | None = None
     instruction_embedding_model: str | None = None
+    instruction_embedding_prefix: str | None = None
+    instruction_embedding_truncate_dim: int | None = None
+    instruction_embedding_trust_remote_code: bool = False
     base_model_name_or_path: str | None = None
     lora_implementation: str = "auto"
+    routing_compatibility: str = "glider"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("custom_pipelines", None)  # a constant of this class, see `custom_pipelines`
@@ -166,6 +217,16 @@ class GliderConfig(T5Config):
             raise ValueError(f"local_router must be one of {LOCAL_ROUTERS}, got {self.local_router!r}.")
         if self.instruction_embedding_dim is not None and self.instruction_embedding_dim < 1:
             raise ValueError(f"instruction_embedding_dim must be >= 1, got {self.instruction_embedding_dim!r}.")
+        if self.instruction_embedding_prefix is not None and not isinstance(self.instruction_embedding_prefix, str):
+            raise ValueError(
+                f"instruction_embedding_prefix must be a string, got {self.instruction_embedding_prefix!r}."
+            )
+        truncate_dim = self.instruction_embedding_truncate_dim
+        if truncate_dim is not None and truncate_dim != self.instruction_embedding_dim:
+            raise ValueError(
+                f"instruction_embedding_truncate_dim = {truncate_dim} must equal instruction_embedding_dim "
+                f"({self.instruction_embedding_dim}): the embeddings are truncated to the experts' width."
+            )
         super().__post_init__(**kwargs)
         self.auto_map = AUTO_MAP
 
@@ -193,6 +254,15 @@ class GliderConfig(T5Config):
         if self.lora_implementation not in LORA_IMPLEMENTATIONS:
             raise ValueError(
                 f"lora_implementation must be one of {LORA_IMPLEMENTATIONS}, got {self.lora_implementation!r}."
+            )
+        if self.routing_compatibility not in ROUTING_COMPATIBILITIES:
+            raise ValueError(
+                f"routing_compatibility must be one of {ROUTING_COMPATIBILITIES}, got {self.routing_compatibility!r}."
+            )
+        if self.routing_compatibility == "reference" and self.instruction_embedding_dim == 1:
+            raise ValueError(
+                "routing_compatibility='reference' drops the last value of every instruction embedding, but they are "
+                "1 wide (instruction_embedding_dim = 1): nothing would be left to compare."
             )
         if not (0 < self.arrow_temperature < math.inf):
             raise ValueError(f"arrow_temperature must be > 0 and finite, got {self.arrow_temperature!r}.")
@@ -245,7 +315,7 @@ class GliderConfig(T5Config):
     def normalise_experts(cls, experts: list) -> list:
         if not isinstance(experts, list):
             raise ValueError(f"experts must be a list of expert descriptions, got {type(experts).__name__}.")
-        experts = [cls._normalise_expert(i, e) for i, e in enumerate(experts)]
+        experts = ReadOnlyList(cls._normalise_expert(i, e) for i, e in enumerate(experts))
         names = [e["name"] for e in experts]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -264,13 +334,25 @@ class GliderConfig(T5Config):
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"Expert {name!r}: 'target_modules' must be a non-empty list of module names.")
         r = expert.get("r")
-        if not isinstance(r, int) or r < 1:
+        if not _positive_number(r) or not isinstance(r, int):
             raise ValueError(f"Expert {name!r}: 'r' must be a positive integer, got {r!r}.")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(expert.get(key) or {}, dict):
+                raise ValueError(f"Expert {name!r}: '{key}' must be an object, got {expert[key]!r}.")
+        patterns = [("target_modules", t) for t in targets]
+        patterns += [(key, p) for key in ("rank_pattern", "alpha_pattern") for p in expert.get(key) or {}]
+        for key, pattern in patterns:
+            try:
+                re.compile(pattern)  # PEFT reads each as a regular expression
+            except re.error as error:
+                raise ValueError(
+                    f"Expert {name!r}: {key} entry {pattern!r} is not a valid regular expression ({error})."
+                ) from None
         normalised = ExpertEntry(
             name=name,
             instruction=expert.get("instruction") or "",
             source=expert.get("source") or "",
-            target_modules=sorted(targets),
+            target_modules=ReadOnlyList(sorted(targets)),
             r=r,
             lora_alpha=expert.get("lora_alpha", r),
             use_rslora=expert.get("use_rslora", False),
@@ -285,9 +367,11 @@ class GliderConfig(T5Config):
             raise ValueError(
                 f"Expert {name!r}: 'lora_alpha' must be a finite number > 0, got {normalised['lora_alpha']!r}."
             )
-        for key, value in {**normalised["rank_pattern"], **normalised["alpha_pattern"]}.items():
-            if not _positive_number(value):
-                raise ValueError(f"Expert {name!r}: rank/alpha pattern {key!r} has an invalid value {value!r}.")
+        for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+            for pattern, value in normalised[key].items():
+                if not _positive_number(value) or (integer and not isinstance(value, int)):
+                    kind = "a positive integer" if integer else "a finite number > 0"
+                    raise ValueError(f"Expert {name!r}: {key}[{pattern!r}] must be {kind}, got {value!r}.")
         return normalised
 
     @property

@@ -221,12 +221,20 @@ def _describe_experts(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from transformers import pipeline  # importing this package registered glider_t5 and the pipeline task
+    # importing this package registered glider_t5 and the pipeline task
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
+    # Loaded here, not by `pipeline`, whose error for a model that does not load holds the whole traceback.
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{args.model} holds no tokenizer that loads (save one beside the model): {error}") from None
     generator = None if args.generator == "none" else args.generator
     pipe = pipeline(
-        "text2text-generation", model=args.model, instruction_generator=generator, instruction_embedder=args.embedder
-    )
+        "text2text-generation", model=model, tokenizer=tokenizer, instruction_generator=generator,
+        instruction_embedder=args.embedder,
+    )  # fmt: skip
     outputs = pipe(
         args.queries, instruction=args.instruction, return_experts=True, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
@@ -319,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     expert.set_defaults(run=_train_expert)
 
     convert = commands.add_parser(
-        "convert", help="Convert released GLIDER/Phatgoose checkpoints to expert directories."
+        "convert", help="Convert released GLIDER/Phatgoose/MoLoRA checkpoints to expert directories."
     )
     convert.add_argument(
         "checkpoints", nargs="+", help="<task>_best.pt files, Phatgoose checkpoints, or folders of them."
@@ -327,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="Folder that receives one expert directory per expert.")
     convert.add_argument("--names", nargs="+", help="Expert names in order (needed for Phatgoose checkpoints).")
     convert.add_argument("--embeddings", help="torch.save'd {task: tensor} instruction embeddings.")
-    convert.add_argument("--instructions", help="JSON {task: text or [texts]}.")
+    convert.add_argument("--instructions", help="{task: text or [texts]}: JSON, or torch.save'd (.pt).")
     convert.add_argument("--embedding-model", help="Name of the model that embedded the instructions.")
     convert.add_argument("--embedding-dim", type=count, help="Keep only the first N embedding values (Matryoshka).")
     convert.add_argument("--lora-alpha", type=positive, default=1.0, help="1 reproduces their 1/r scaling (default).")

@@ -10,8 +10,15 @@ The formats, as the public reference code (UNITES-Lab/glider, r-three/phatgoose)
   `<module path>._addons.expert_lora.layer1__<i>` `[d_in, r]` (A transposed), `....layer2__<i>` `[r, d_out]`
   (B transposed) and `<module path>._addons.router.expert_embeddings__<i>` `[d_in]` (its gate). The experts' names
   are not in the file: give them in order.
-- Instruction embeddings: `{task: tensor [D]}` saved with `torch.save`
-  (e.g. MoE-UNC/gpt-generated-instruction-nomic-embeddings). Instructions: JSON `{task: text}` or `{task: [text, ...]}`.
+- MoLoRA multi-expert state dicts (the authors' gathered model): expert i as
+  `<module path>.lora_experts.<adapter>.<i>.lora_A.weight` `[r, d_in]` and `....lora_B.weight` `[d_out, r]`, the gates
+  of all experts as the rows of `<module path>.lora_gate.<adapter>.weight` `[E, d_in]`; names as for Phatgoose.
+- A single expert's Phatgoose checkpoint: the `__0` keys above, its gate possibly as
+  `<module path>._addons.expert_lora.expert_input_gate` `[d_in]` (`expert_output_gate` is dropped, as Phatgoose's own
+  concatenation drops it).
+- Instruction embeddings: `{task: tensor [D]}` saved with `torch.save`, one file for the experts' side and one for
+  the input side (e.g. MoE-UNC/gpt-generated-instruction-nomic-embeddings). Instructions: JSON, or a `torch.save`'d
+  file, `{task: text}` or `{task: [text, ...]}`.
 
 Both LoRA formats scale the LoRA product by 1/r (Phatgoose divides by the bottleneck width; GLIDER sets PEFT's
 `lora_alpha=1`), hence `lora_alpha=1` by default. Every file is read with `torch.load(weights_only=True)`: tensors and
@@ -44,9 +51,18 @@ from .staging import discard, missing_parents, move_into, publish, staging_dir
 GLIDER_KEY = re.compile(
     r"^base_model\.model\.(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_gate)\.(?P<adapter>[^.]+)(\.weight)?$"
 )
+MOLORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_experts\.(?P<adapter>[^.]+)\.(?P<index>\d+)\.(?P<kind>lora_A|lora_B)"
+    r"\.weight$"
+)
+MOLORA_GATE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_gate\.(?P<adapter>[^.]+)\.weight$")
 PHATGOOSE_KEY = re.compile(
     r"^(?P<path>.+)\._addons\.(?P<kind>expert_lora\.layer1|expert_lora\.layer2|router\.expert_embeddings)__(?P<index>\d+)$"
 )
+# A single expert's Phatgoose training checkpoint: its gate, before `router.expert_embeddings__0` is made from it
+PHATGOOSE_INPUT_GATE_KEY = re.compile(r"^(?P<path>.+)\._addons\.expert_lora\.expert_input_gate$")
+# Dropped when Phatgoose concatenates experts (its scripts ignore the key); it plays no part in routed inference
+PHATGOOSE_OUTPUT_GATE_KEY = re.compile(r"^.+\._addons\.expert_lora\.expert_output_gate$")
 
 
 def load_torch_file(path: Path, what: str):
@@ -62,15 +78,47 @@ def load_torch_file(path: Path, what: str):
         ) from None
 
 
+def load_task_embeddings(path: str | os.PathLike, what: str = "Instruction embeddings") -> dict[str, torch.Tensor]:
+    """A `{task: tensor [D]}` file saved with `torch.save` (how the authors release the embeddings of the expert side
+    and of the input side), read with `weights_only=True`: every entry a finite float vector, all of one width."""
+    path = Path(path)
+    table = load_torch_file(path, what)
+    if not isinstance(table, dict) or not table or not all(isinstance(v, torch.Tensor) for v in table.values()):
+        raise ValueError(f"{what} {path}: expected a dict {{task: tensor}}.")
+    widths = {}
+    for task, vector in table.items():
+        if not isinstance(task, str) or not vector.is_floating_point() or vector.squeeze().dim() != 1:
+            raise ValueError(f"{what} {path}: the entry {task!r} is not a float vector (shape {tuple(vector.shape)}).")
+        if not torch.isfinite(vector).all():
+            raise ValueError(f"{what} {path}: {task!r} holds NaN or inf values.")
+        widths.setdefault(vector.numel(), task)
+    if len(widths) > 1:
+        raise ValueError(f"{what} {path}: vectors differ in width, e.g. {sorted(widths.items())[:2]} (width, task).")
+    return {task: vector.float().flatten() for task, vector in table.items()}
+
+
+def load_task_instructions(path: str | os.PathLike) -> dict:
+    """`{task: text or [texts]}` from a JSON file, or from a `torch.save`'d file (`.pt`, `.pth`, `.bin`)."""
+    path = Path(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        table = load_torch_file(path, "Instructions")
+        if not isinstance(table, dict):
+            raise ValueError(f"Instructions {path}: expected a dict {{task: text or [texts]}}.")
+        return table
+    return read_json_object(path, "Instructions")
+
+
 def _task_name(path: Path) -> str:
     return path.stem[: -len("_best")] if path.stem.endswith("_best") else path.stem
 
 
 def _parse(path: Path, state) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """Expert name -> module path -> {"A", "B", "gate"} from one checkpoint, in either format, experts in order."""
+    """Expert name -> module path -> {"A", "B", "gate"} from one checkpoint, in any known format, experts in order."""
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"Checkpoint {path}: expected a state dict (str -> tensor), got {type(state).__name__}.")
-    glider, phatgoose, adapters = {}, {}, set()
+    if any(MOLORA_KEY.match(key) for key in state):
+        return _parse_molora(path, state)
+    glider, phatgoose, input_gates, adapters = {}, {}, {}, set()
     for key, value in state.items():
         if (match := GLIDER_KEY.match(key)) is not None:
             adapters.add(match["adapter"])
@@ -82,7 +130,9 @@ def _parse(path: Path, state) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
             ]
             value = value.T if kind in ("A", "B") else value  # Phatgoose stores x @ layer1 @ layer2
             phatgoose.setdefault(int(match["index"]), {}).setdefault(match["path"], {})[kind] = value
-        elif "lora" in key.lower() or "_addons" in key:
+        elif (match := PHATGOOSE_INPUT_GATE_KEY.match(key)) is not None:
+            input_gates[match["path"]] = (key, value)
+        elif PHATGOOSE_OUTPUT_GATE_KEY.match(key) is None and ("lora" in key.lower() or "_addons" in key):
             raise ValueError(
                 f"Checkpoint {path}: unsupported entry {key!r}; only plain LoRA experts and gates convert."
             )
@@ -92,12 +142,53 @@ def _parse(path: Path, state) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
         if len(adapters) > 1:
             raise ValueError(f"Checkpoint {path} holds several adapters {sorted(adapters)}; expected one expert.")
         return {_task_name(path): glider}
+    if input_gates:
+        if set(phatgoose) != {0}:
+            key = next(iter(input_gates.values()))[0]
+            raise ValueError(
+                f"Checkpoint {path}: {key!r} is a single expert's gate, but the file holds experts "
+                f"{sorted(phatgoose)}; it cannot tell whose gate it is."
+            )
+        for module, (key, gate) in input_gates.items():
+            tensors = phatgoose[0].setdefault(module, {})
+            if "gate" in tensors and not torch.equal(tensors["gate"], gate):
+                raise ValueError(f"Checkpoint {path}: {key!r} disagrees with the router gate of {module}.")
+            tensors["gate"] = gate
     if phatgoose:
         return {f"{_task_name(path)}_{i}": phatgoose.get(i, {}) for i in range(max(phatgoose) + 1)}
     raise ValueError(
-        f"Checkpoint {path} holds no LoRA weights in a known format (GLIDER `....lora_A.<adapter>.weight` or "
-        "Phatgoose `..._addons.expert_lora.layer1__<i>`)."
+        f"Checkpoint {path} holds no LoRA weights in a known format (GLIDER `....lora_A.<adapter>.weight`, "
+        "Phatgoose `..._addons.expert_lora.layer1__<i>` or MoLoRA `....lora_experts.<adapter>.<i>.lora_A.weight`)."
     )
+
+
+def _parse_molora(path: Path, state: dict) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """A multi-expert MoLoRA state dict: expert i as `<module>.lora_experts.<adapter>.<i>.lora_A.weight` `[r, d_in]`
+    and `....lora_B.weight` `[d_out, r]`; the gates of all experts as the rows of `<module>.lora_gate.<adapter>.weight`
+    `[E, d_in]` (already layer-normed when the authors' code gathered them: normalising again changes them by ~1e-6)."""
+    experts, gates, adapters = {}, {}, set()
+    for key, value in state.items():
+        if (match := MOLORA_KEY.match(key)) is not None:
+            adapters.add(match["adapter"])
+            kind = {"lora_A": "A", "lora_B": "B"}[match["kind"]]
+            experts.setdefault(int(match["index"]), {}).setdefault(match["path"], {})[kind] = value
+        elif (match := MOLORA_GATE_KEY.match(key)) is not None:
+            adapters.add(match["adapter"])
+            gates[match["path"]] = (key, value)
+        elif "lora" in key.lower() or "_addons" in key:
+            raise ValueError(f"Checkpoint {path}: unsupported entry {key!r} in a MoLoRA state dict.")
+    if len(adapters) > 1:
+        raise ValueError(f"Checkpoint {path} holds several adapters {sorted(adapters)}; expected one.")
+    count = max(experts) + 1
+    for module, (key, gate) in gates.items():
+        if not isinstance(gate, torch.Tensor) or gate.dim() != 2 or gate.shape[0] != count:
+            shape = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+            raise ValueError(
+                f"Checkpoint {path}: {key!r} must hold one gate row per expert [{count}, d_in], got {shape}."
+            )
+        for index in range(count):
+            experts.setdefault(index, {}).setdefault(module, {})["gate"] = gate[index]
+    return {f"{_task_name(path)}_{i}": experts.get(i, {}) for i in range(count)}
 
 
 def _check(name: str, source: Path, modules: dict, gates: bool, linears: dict | None) -> None:
@@ -221,6 +312,8 @@ def convert_checkpoints(
     """
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
+    if not checkpoints:
+        raise ValueError("checkpoints is empty: give checkpoint files or folders of them.")
     files = []
     for checkpoint in map(Path, checkpoints):
         if checkpoint.is_dir():
@@ -244,16 +337,10 @@ def convert_checkpoints(
     linears, base_name = _base_linears(base) if base is not None else (None, None)
     base_name = base_model_name_or_path or base_name
 
-    embedding_table = None
-    if embeddings is not None:
-        embedding_table = load_torch_file(Path(embeddings), "Instruction embeddings")
-        if not isinstance(embedding_table, dict) or not all(
-            isinstance(v, torch.Tensor) for v in embedding_table.values()
-        ):
-            raise ValueError(f"Instruction embeddings {embeddings}: expected a dict {{task: tensor}}.")
+    embedding_table = load_task_embeddings(embeddings) if embeddings is not None else None
     instructions_source = instructions if isinstance(instructions, (str, os.PathLike)) else "(dict)"
     if isinstance(instructions, (str, os.PathLike)):
-        instructions = read_json_object(Path(instructions), "Instructions")
+        instructions = load_task_instructions(instructions)
     if instructions is not None and not isinstance(instructions, dict):
         raise ValueError("Instructions must be a JSON object {task: text or [texts]}.")
 
@@ -286,9 +373,12 @@ def convert_checkpoints(
                         raise ValueError(
                             f"Instruction embeddings {embeddings} have no entry for {name!r}; some entries: {available}."
                         )
-                    embedding = embedding.float().flatten()[:embedding_dim]
-                    if not torch.isfinite(embedding).all():
-                        raise ValueError(f"Instruction embeddings {embeddings}: {name!r} holds NaN or inf values.")
+                    if embedding_dim is not None and embedding_dim > embedding.numel():
+                        raise ValueError(
+                            f"Instruction embeddings {embeddings}: {name!r} has {embedding.numel()} values, fewer than "
+                            f"embedding_dim = {embedding_dim}."
+                        )
+                    embedding = embedding[:embedding_dim]
                 instruction = _instruction(instructions or {}, name, instructions_source)
                 (staging / name).mkdir()
                 _write_expert(
@@ -307,4 +397,4 @@ def convert_checkpoints(
     return [output_dir / name for name in written]
 
 
-__all__ = ["convert_checkpoints", "load_torch_file"]
+__all__ = ["convert_checkpoints", "load_task_embeddings", "load_task_instructions", "load_torch_file"]

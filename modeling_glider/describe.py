@@ -60,6 +60,9 @@ def describe_experts(
     instruction written from `k` random samples; else the instruction already in its `glider_expert.json`.
     """
     instructions, data = dict(instructions or {}), dict(data or {})
+    for name, text in instructions.items():
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise ValueError(f"Expert {name!r}: the instruction given for it, {text!r}, is not a non-empty text.")
     generator = load_instruction_generator(generator)
     if isinstance(generator, QueryInstructions):
         raise ValueError("'query' mode writes no expert instructions: give a generator (URL or model) or instructions.")

@@ -76,6 +76,9 @@ class InstructionEmbedder:
         max_length: tokens kept per text (longer texts are truncated); defaults to the model's own limit.
         cache_size: embeddings remembered per text (least recently used dropped first). The cache only memoises
             this pure function of the text.
+        prefix: text put before every instruction (e.g. `"search_query: "` for nomic-embed-text).
+        truncate_dim: keep the first N values of each embedding, renormalised (Matryoshka models).
+        trust_remote_code: let the model run code from its repository (nomic-embed-text needs it).
     """
 
     def __init__(
@@ -88,6 +91,9 @@ class InstructionEmbedder:
         max_length: int | None = None,
         batch_size: int = 32,
         cache_size: int = 4096,
+        prefix: str = "",
+        truncate_dim: int | None = None,
+        trust_remote_code: bool = False,
     ):
         if backend not in ("auto", "sentence-transformers", "transformers"):
             raise ValueError(f"backend must be 'auto', 'sentence-transformers' or 'transformers', got {backend!r}.")
@@ -95,6 +101,13 @@ class InstructionEmbedder:
                                      ("max_length", 1 if max_length is None else max_length, 1)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"InstructionEmbedder: {option} must be an integer >= {least}, got {value!r}.")
+        if not isinstance(prefix, str):
+            raise ValueError(f"InstructionEmbedder: prefix must be a string, got {prefix!r}.")
+        if truncate_dim is not None and (
+            isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or truncate_dim < 1
+        ):
+            raise ValueError(f"InstructionEmbedder: truncate_dim must be an integer >= 1, got {truncate_dim!r}.")
+        self.prefix, self.truncate_dim, self.trust_remote_code = prefix, truncate_dim, bool(trust_remote_code)
         self.model_id, self.location = resolve_embedding_model(name_or_path, model_id)
         self.device = torch.device(device or "cpu")
         self.batch_size = batch_size
@@ -116,13 +129,21 @@ class InstructionEmbedder:
                 self._load_transformers_encoder(max_length)
         except (OSError, ValueError) as error:
             raise ValueError(f"Could not load the instruction embedder {self.location!r}: {error}") from error
+        if truncate_dim is not None:
+            if truncate_dim > self.dim:
+                raise ValueError(
+                    f"InstructionEmbedder: truncate_dim = {truncate_dim} exceeds {self.location!r}'s width {self.dim}."
+                )
+            self.dim = truncate_dim
 
     def _load_sentence_transformer(self, max_length: int | None) -> None:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as error:
             raise ImportError("backend='sentence-transformers' needs `pip install sentence-transformers`.") from error
-        self.model = SentenceTransformer(self.location, device=str(self.device))
+        self.model = SentenceTransformer(
+            self.location, device=str(self.device), trust_remote_code=self.trust_remote_code
+        )
         if max_length is not None:
             self.model.max_seq_length = max_length
         self.max_length = self.model.max_seq_length
@@ -133,8 +154,8 @@ class InstructionEmbedder:
         from transformers import AutoModel, AutoTokenizer
 
         self.pooling, saved_max_length = _sentence_transformers_layout(self.location)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.location)
-        model = AutoModel.from_pretrained(self.location)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.location, trust_remote_code=self.trust_remote_code)
+        model = AutoModel.from_pretrained(self.location, trust_remote_code=self.trust_remote_code)
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()  # sentence-T5 style: the encoder alone embeds
         self.model = model.to(self.device).eval()
@@ -155,6 +176,7 @@ class InstructionEmbedder:
                 raise ValueError(f"Instruction #{index} is empty: there is nothing to embed.")
         if not texts:
             return torch.zeros(0, self.dim)
+        texts = [self.prefix + text for text in texts]
         keys = [hashlib.sha256(text.encode()).digest() for text in texts]
         with self._lock:
             found = {key: self._cache[key] for key in keys if key in self._cache}
@@ -183,7 +205,7 @@ class InstructionEmbedder:
                     for i in range(0, len(texts), self.batch_size)
                 ]
             )
-        return F.normalize(embeddings.float(), dim=-1).cpu()
+        return F.normalize(embeddings.float()[:, : self.truncate_dim], dim=-1).cpu()
 
     def _encode_transformers(self, texts: list[str]) -> torch.Tensor:
         inputs = self.tokenizer(
@@ -197,7 +219,8 @@ class InstructionEmbedder:
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
     def __repr__(self) -> str:
-        return f"InstructionEmbedder({self.model_id!r}, backend={self.backend!r}, dim={self.dim})"
+        prefix = f", prefix={self.prefix!r}" if self.prefix else ""
+        return f"InstructionEmbedder({self.model_id!r}, backend={self.backend!r}, dim={self.dim}{prefix})"
 
 
 def _sentence_transformers_layout(location: str) -> tuple[str, int | None]:
@@ -233,9 +256,28 @@ def _sentence_transformers_layout(location: str) -> tuple[str, int | None]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_embedder(name_or_path: str, device: str | None = None) -> InstructionEmbedder:
-    """A shared `InstructionEmbedder` per name and device: loading a model once per process is enough."""
-    return InstructionEmbedder(name_or_path, device=device)
+def load_embedder(
+    name_or_path: str,
+    device: str | None = None,
+    prefix: str = "",
+    truncate_dim: int | None = None,
+    trust_remote_code: bool = False,
+) -> InstructionEmbedder:
+    """A shared `InstructionEmbedder` per name, device and options: loading a model once per process is enough."""
+    return InstructionEmbedder(
+        name_or_path, device=device, prefix=prefix, truncate_dim=truncate_dim, trust_remote_code=trust_remote_code
+    )
+
+
+def load_config_embedder(config, name_or_path: str | None = None) -> InstructionEmbedder:
+    """The embedder a GliderT5 config records (its model, or `name_or_path` for a copy of it stored elsewhere) with
+    the recorded prefix, truncation and remote-code setting."""
+    return load_embedder(
+        name_or_path or str(config.instruction_embedding_model),
+        prefix=config.instruction_embedding_prefix or "",
+        truncate_dim=config.instruction_embedding_truncate_dim,
+        trust_remote_code=config.instruction_embedding_trust_remote_code,
+    )
 
 
 def check_embedder_matches(config, embedder: InstructionEmbedder) -> None:
@@ -249,6 +291,12 @@ def check_embedder_matches(config, embedder: InstructionEmbedder) -> None:
             f"The experts' instructions were embedded with {recorded!r}, but the instruction embedder is "
             f"{embedder.model_id!r}. Queries must be embedded by the same model: use {recorded!r} (or, if "
             f"{embedder.location!r} is that model stored elsewhere, pass model_id={recorded!r})."
+        )
+    recorded_prefix = getattr(config, "instruction_embedding_prefix", None) or ""
+    if embedder.prefix != recorded_prefix:
+        raise ValueError(
+            f"The experts' instructions were embedded with the prefix {recorded_prefix!r} "
+            f"(instruction_embedding_prefix), but the instruction embedder puts {embedder.prefix!r} before queries."
         )
     if embedder.dim != config.instruction_embedding_dim:
         raise ValueError(

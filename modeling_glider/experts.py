@@ -608,6 +608,15 @@ def build_glider_model(cls, base, expert_dirs: list, dtype: torch.dtype | str | 
     base_config = base.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
         base_config.pop(key, None)
+    # The experts were trained on the base as it is, and their instructions embedded by the model their files name.
+    fixed = {**base_config, "instruction_embedding_model": embedding_model}
+    for key, value in config_fields.items():
+        if key in fixed and None not in (value, fixed[key]) and value != fixed[key]:
+            raise ValueError(
+                f"from_experts() cannot set {key}={value!r}: the experts were made with {key}={fixed[key]!r} (the "
+                "base model's config, or the experts' files)."
+            )
+
     if dtype is not None:
         base_config["dtype"] = str(dtype).removeprefix("torch.")
     config = GliderConfig(

@@ -136,6 +136,7 @@ def render_model_card(
         ("Global routing scale alpha (`global_routing_scale`)", config.global_routing_scale),
         ("alpha policy (`global_routing_policy`)", _alpha_policy(config)),
         ("Instruction embeddings", embedder),
+        ("Routing computation (`routing_compatibility`)", _compatibility(config)),
     ]
     evaluation = [
         {
@@ -168,6 +169,15 @@ def render_model_card(
             embedding_model=config.instruction_embedding_model,
             license_text=license_text,
         )
+
+
+def _compatibility(config: GliderConfig) -> str:
+    if config.routing_compatibility == "reference":
+        return (
+            "reference: as the GLIDER authors' code (last embedding value dropped on both sides, top-p over all "
+            "experts ignoring top-k, top-k renormalised with +1e-6)"
+        )
+    return "glider"
 
 
 def _alpha_policy(config: GliderConfig) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import EncoderDecoderCache
@@ -372,7 +373,8 @@ class LibraryLock:
 
     def __init__(self):
         self.condition = threading.Condition()
-        self.readers = 0
+        self.readers = 0  # calls routing now
+        self.held_back = 0  # calls waiting for a change to end
         self.writing = False
         self.local = threading.local()
 
@@ -388,8 +390,11 @@ class LibraryLock:
         depth = getattr(self.local, "depth", 0)
         if depth == 0:
             with self.condition:
+                self.held_back += 1
                 self.condition.wait_for(lambda: not self.writing)
+                self.held_back -= 1
                 self.readers += 1
+                self.condition.notify_all()
         self.local.depth = depth + 1
         try:
             yield
@@ -405,7 +410,8 @@ class LibraryLock:
         if getattr(self.local, "depth", 0):
             raise RuntimeError(f"{what} inside a forward or generate call of the same model is not possible.")
         with self.condition:
-            self.condition.wait_for(lambda: not self.writing)
+            # the calls held back by the last change get in first: neither calls nor changes can starve
+            self.condition.wait_for(lambda: not self.writing and self.held_back == 0)
             self.writing = True
             self.condition.wait_for(lambda: self.readers == 0)
         try:
@@ -487,9 +493,16 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         tensor and the config field) or hold NaN or inf, instead of loading a model that routes wrong."""
         want_info = kwargs.pop("output_loading_info", False)
         allow_base_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
+                **kwargs,
+            )  # fmt: skip
+        except SafetensorError as error:  # its message names no file
+            raise ValueError(
+                f"GliderT5 at {pretrained_model_name_or_path}: a weights file is not readable safetensors (corrupt or "
+                f"truncated?): {error}"
+            ) from None
         check_loaded_tensors(model, info, str(pretrained_model_name_or_path), allow_base_mismatch)
         return (model, info) if want_info else model
 
@@ -713,10 +726,14 @@ def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, 
             problems.append(
                 f"config.json's experts need {key}, which the weights do not have (experts, target_modules)"
             )
+        else:  # it would keep a random initialisation
+            problems.append(f"the weights have no {key} (num_layers, num_decoder_layers, ...)")
     for key in sorted(info.get("unexpected_keys", [])):
         if key.rsplit(".", 1)[-1] in EXPERT_TENSORS:
             field = "instruction_embedding_dim" if key.startswith("global_router.") else "experts' target_modules"
             problems.append(f"the weights hold {key}, which config.json's {field} does not provide for")
+        else:
+            problems.append(f"the weights hold {key}, which config.json has no place for (num_layers, ...)")
     if not problems:
         experts = model.config.experts
         for path, module in model.named_modules():

@@ -9,7 +9,7 @@ generator; `instruction_embeddings=` replaces both. `return_experts=True` adds t
 import torch
 from transformers import AutoModelForSeq2SeqLM, GenerationConfig, Pipeline
 
-from .embedding import InstructionEmbedder, check_embedder_matches, load_embedder
+from .embedding import InstructionEmbedder, check_embedder_matches, load_config_embedder
 from .instructions import embed_query_instructions, load_instruction_generator
 
 TASK = "text2text-generation"
@@ -68,12 +68,14 @@ class Text2TextGenerationPipeline(Pipeline):
                     "be embedded for it. Pass instruction_embedder=... (the experts' embedding model), "
                     "instruction_embeddings=..., or instruction_generator=None for local routing only."
                 )
-            embedder = load_embedder(str(name))
+            embedder = load_config_embedder(self.model.config, str(name))
         check_embedder_matches(self.model.config, embedder)
         return embedder
 
     def __call__(self, inputs, instruction=None, instruction_embeddings: torch.Tensor | None = None, **kwargs):
         single = isinstance(inputs, (str, dict))
+        if not single and not isinstance(inputs, (list, tuple)):
+            raise ValueError(f"inputs must be a string, a dict or a list of them, got {type(inputs).__name__}.")
         items = [self._as_dict(item) for item in ([inputs] if single else inputs)]
         if instruction is not None:
             per_item = [instruction] * len(items) if isinstance(instruction, str) else list(instruction)
@@ -82,6 +84,8 @@ class Text2TextGenerationPipeline(Pipeline):
             items = [{**item, "instruction": text} for item, text in zip(items, per_item)]
         if instruction_embeddings is not None:
             rows = torch.as_tensor(instruction_embeddings)
+            if rows.dim() == 0:
+                raise ValueError("instruction_embeddings must be [D], [1, D] or [len(inputs), D], got a scalar.")
             rows = rows.reshape(-1, rows.shape[-1])
             if len(rows) == 1:
                 rows = rows.expand(len(items), -1)

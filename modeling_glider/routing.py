@@ -20,6 +20,7 @@ from torch import nn
 from .fast_lora import AUTO_GATHER_MAX_TOKENS, gathered_mixture_of_lora, grouped_mixture_of_lora
 
 ROUTER_LAYER_NORM_EPS = 1e-5
+REFERENCE_RENORMALISATION_EPS = 1e-6  # the authors' code renormalises top-k weights as w / (sum(w) + 1e-6)
 
 
 def phatgoose_gates(gates: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,11 @@ def arrow_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) 
 
 
 def glider_routing_weights(
-    local_logits: torch.Tensor, global_logits: torch.Tensor | None, top_k: int, top_p: float | None = None
+    local_logits: torch.Tensor,
+    global_logits: torch.Tensor | None,
+    top_k: int,
+    top_p: float | None = None,
+    reference: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(local + global) over the experts in fp32, keep the top-k (and the top-p mass), renormalise.
 
@@ -46,8 +51,19 @@ def glider_routing_weights(
     so only the k kept experts are exponentiated; top-p still sees the whole distribution through one logsumexp.
     Returns the kept weights and expert indices, best first, each `[..., min(top_k, E)]`. Experts cut by top-p keep
     their slot with weight 0.
+
+    `reference=True` follows the GLIDER authors' code: with `top_p` below 1, the smallest set of experts whose mass
+    reaches it over ALL experts (top-k ignored; every expert gets a slot, `[..., E]`); otherwise the top-k
+    probabilities divided by their sum plus 1e-6.
     """
     logits = local_logits.float() if global_logits is None else local_logits.float() + global_logits.float()
+    if reference:
+        if top_p is not None and top_p < 1:
+            probs, indices = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+            kept = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # the best expert is always kept
+            return kept / kept.sum(dim=-1, keepdim=True), indices
+        probs, indices = logits.softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        return probs / (probs.sum(dim=-1, keepdim=True) + REFERENCE_RENORMALISATION_EPS), indices
     top_logits, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
     if top_p is None:
         return top_logits.softmax(dim=-1), indices
@@ -229,7 +245,9 @@ class GliderLinear(nn.Linear):
     def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and local expert indices per token, `[batch, tokens, k]` (see `glider_routing_weights`)."""
         logits = self.routing_logits(x, global_routing_logits)
-        return glider_routing_weights(logits, None, self.config.router_top_k, self.config.router_top_p)
+        config = self.config
+        reference = config.routing_compatibility == "reference"
+        return glider_routing_weights(logits, None, config.router_top_k, config.router_top_p, reference)
 
     def mixture_of_lora(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_e B_e A_e x. Reference path: every expert is computed, unselected ones with w_e = 0."""
@@ -272,6 +290,10 @@ class GliderGlobalRouter(nn.Module):
             raise ValueError(f"instruction_embeddings rows {bad} hold NaN or inf.")
         G = self.expert_embeddings.float()
         u = u.float().to(G.device)
+        has_instruction = (u != 0).any(dim=-1, keepdim=True)
+        if self.config.routing_compatibility == "reference":
+            # the authors' code drops the last value of every instruction embedding (`embedding[:-1]`), both sides
+            u, G = u[:, :-1], G[:, :-1]
         cosine = F.normalize(u, dim=-1) @ F.normalize(G, dim=-1).T
         config = self.config
         if config.global_routing_policy == "threshold":
@@ -281,5 +303,4 @@ class GliderGlobalRouter(nn.Module):
             ).float()
         else:
             alpha = torch.full((len(u), 1), float(config.global_routing_scale), device=G.device)
-        has_instruction = (u != 0).any(dim=-1, keepdim=True)
         return torch.where(has_instruction, alpha * cosine, 0.0)

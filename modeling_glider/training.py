@@ -148,6 +148,32 @@ def _check_positive(**values) -> None:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
+# Seq2SeqTrainingArguments that the training functions set from their own arguments (or, for output_dir, to a scratch
+# folder that is removed): `trainer_args` may not set them a second time.
+OWN_TRAINER_ARGS = {
+    "output_dir": "the trainer's scratch folder, which is not kept",
+    "max_steps": "steps",
+    "learning_rate": "learning_rate",
+    "per_device_train_batch_size": "batch_size",
+    "seed": "seed",
+    "bf16": "bf16",
+    "warmup_steps": "warmup_ratio",
+}
+
+
+def _check_training_options(seed, bf16, trainer_args) -> None:
+    """Refuse a seed, bf16 flag or `trainer_args` that the Trainer would misread or that contradict the arguments."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if not isinstance(bf16, bool):
+        raise ValueError(f"bf16 must be True or False, got {bf16!r}.")
+    if trainer_args is not None and not isinstance(trainer_args, dict):
+        raise TypeError(f"trainer_args must be a dict of Seq2SeqTrainingArguments, got {type(trainer_args).__name__}.")
+    for key in trainer_args or {}:
+        if key in OWN_TRAINER_ARGS:
+            raise ValueError(f"trainer_args sets {key!r}, which is set by {OWN_TRAINER_ARGS[key]}.")
+
+
 def _check_counts(**values) -> None:
     """Refuse a count (steps, sizes, lengths) that is not an integer >= 1, naming it."""
     for name, value in values.items():
@@ -270,6 +296,7 @@ def train_gates(
     _check_counts(steps=steps, batch_size=batch_size, max_source_length=max_source_length,
                   max_target_length=max_target_length)  # fmt: skip
     _check_positive(learning_rate=learning_rate)
+    _check_training_options(seed, bf16, trainer_args)
     if instruction is not None and not isinstance(instruction, str):
         raise TypeError(f"instruction must be a string, got {type(instruction).__name__}.")
     base, tokenizer = _base_and_tokenizer(base, tokenizer)
@@ -342,6 +369,19 @@ def train_expert(
     _check_counts(r=r, steps=steps, batch_size=batch_size, max_source_length=max_source_length,
                   max_target_length=max_target_length)  # fmt: skip
     _check_positive(lora_alpha=lora_alpha, learning_rate=learning_rate)
+    _check_training_options(seed, bf16, trainer_args)
+    if isinstance(target_modules, str):  # PEFT would read one string as a regular expression to match in full
+        raise TypeError(f"target_modules must be a list of module names, got the string {target_modules!r}.")
+    if instruction_embedding is not None:
+        if not isinstance(instruction_embedding, torch.Tensor) or not instruction_embedding.is_floating_point():
+            raise TypeError(f"instruction_embedding must be a float tensor [D], got {instruction_embedding!r}.")
+        if instruction_embedding.squeeze(0).dim() != 1 or not torch.isfinite(instruction_embedding).all():
+            raise ValueError(
+                f"instruction_embedding must be one finite vector [D], got {tuple(instruction_embedding.shape)} "
+                "values that are not."
+            )
+    if embedding_model is not None and not isinstance(embedding_model, str):
+        raise TypeError(f"embedding_model must be a string, got {embedding_model!r}.")
     for option, value in (("warmup_ratio", warmup_ratio), ("lora_dropout", lora_dropout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{option} must be in [0, 1), got {value!r}.")

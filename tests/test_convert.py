@@ -240,3 +240,167 @@ def test_converter_errors(peft_library, tmp_path):
     convert_checkpoints([good], tmp_path / "out")
     with pytest.raises(FileExistsError, match="'p3paws'.*already exists"):
         convert_checkpoints([good], tmp_path / "out")
+
+
+# The other formats the authors' code writes or reads.
+
+
+def molora_state_dict(directories, base, path, normalise_gates=True):
+    """The authors' gathered MoLoRA model: expert i as `....lora_experts.default.<i>.lora_A.weight`, all gates as the
+    rows of `....lora_gate.default.weight` [E, d_in] (layer-normed, as their gather step leaves them), base weights."""
+    state = {f"{PREFIX}shared.weight": base.shared.weight.detach().clone()}
+    per_expert = [expert_tensors(d) for d in directories]
+    for module_path in per_expert[0]:
+        for index, tensors in enumerate(per_expert):
+            A, B, _ = tensors[module_path]
+            state[f"{PREFIX}{module_path}.lora_experts.default.{index}.lora_A.weight"] = A.clone()
+            state[f"{PREFIX}{module_path}.lora_experts.default.{index}.lora_B.weight"] = B.clone()
+        gates = torch.stack([tensors[module_path][2] for tensors in per_expert])
+        if normalise_gates:
+            gates = torch.nn.functional.layer_norm(gates, gates.shape[-1:])
+        state[f"{PREFIX}{module_path}.lora_gate.default.weight"] = gates
+        state[f"{PREFIX}{module_path}.weight"] = base.get_submodule(module_path).weight.detach().clone()
+    torch.save(state, path)
+
+
+def phatgoose_expert_checkpoint(directory, base, path, router_key=False, output_gate=False):
+    """One expert's Phatgoose training checkpoint: `__0` LoRA keys and its gate as `expert_lora.expert_input_gate`."""
+    state = {
+        "encoder.embed_tokens.weight": base.shared.weight.detach().clone(),
+        "decoder.embed_tokens.weight": base.shared.weight.detach().clone(),
+    }
+    for module_path, (A, B, gate) in expert_tensors(directory).items():
+        state[f"{module_path}._addons.expert_lora.layer1__0"] = A.T.clone()
+        state[f"{module_path}._addons.expert_lora.layer2__0"] = B.T.clone()
+        state[f"{module_path}._addons.expert_lora.expert_input_gate"] = gate.clone()
+        if router_key:
+            state[f"{module_path}._addons.router.expert_embeddings__0"] = gate.clone()
+        if output_gate:
+            state[f"{module_path}._addons.expert_lora.expert_output_gate"] = torch.ones(B.shape[0])
+    torch.save(state, path)
+
+
+def same_experts(base, converted, originals, kwargs=None):
+    """Same LoRA tensors and instructions, and the same outputs up to fp32 rounding (gates may be normalised twice)."""
+    kwargs = {"top_k": 2, "global_routing_scale": 2.0, **(kwargs or {})}
+    got = GliderT5ForConditionalGeneration.from_experts(base, converted, **kwargs)
+    expected = GliderT5ForConditionalGeneration.from_experts(base, originals, **kwargs)
+    got_state, expected_state = got.state_dict(), expected.state_dict()
+    assert got_state.keys() == expected_state.keys()
+    for key in expected_state:
+        if not key.endswith("router_gate"):
+            assert torch.equal(got_state[key], expected_state[key]), key
+    g = torch.Generator().manual_seed(4)
+    ids, dec = torch.randint(2, 64, (2, 7), generator=g), torch.randint(2, 64, (2, 4), generator=g)
+    with torch.no_grad():
+        for u in (None, torch.randn(2, EMBED_DIM, generator=g)):
+            want = expected(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits
+            torch.testing.assert_close(
+                got(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits,
+                want, rtol=1e-5, atol=1e-5 * float(want.abs().max()),
+            )  # fmt: skip
+    return got
+
+
+@pytest.mark.parametrize("normalise_gates", [True, False])
+def test_molora_state_dict_converts_to_the_same_experts(peft_library, tmp_path, normalise_gates):
+    base, originals = peft_library
+    same_shape = originals[:1] + [
+        make_expert(tmp_path / "peft", base, name, r=4, seed=seed, lora_alpha=1, embedding=torch.randn(EMBED_DIM))
+        for name, seed in (("p3wiqa", 7), ("p3dream", 8))
+    ]  # a MoLoRA model adapts the same linears with the same rank in every expert
+    molora_state_dict(same_shape, base, tmp_path / "molora.pt", normalise_gates)
+    converted = convert_checkpoints(tmp_path / "molora.pt", tmp_path / "converted")
+    assert [d.name for d in converted] == ["molora_0", "molora_1", "molora_2"]
+    table = {d.name: load_file(d / "glider_expert.safetensors")["instruction_embedding"] for d in same_shape}
+    torch.save(table, tmp_path / "router_embeddings.pt")
+    converted = convert_checkpoints(
+        tmp_path / "molora.pt", tmp_path / "named", names=["p3paws", "p3wiqa", "p3dream"],
+        embeddings=tmp_path / "router_embeddings.pt", instructions={"p3paws": "Decide if two sentences are paraphrases."},
+    )  # fmt: skip
+    same_experts(base, converted, same_shape)
+    for directory, original in zip(converted, same_shape):
+        got, want = expert_tensors(directory), expert_tensors(original)
+        assert got.keys() == want.keys()
+        for module_path, (A, B, gate) in want.items():
+            assert torch.equal(got[module_path][0], A) and torch.equal(got[module_path][1], B)
+            layer_norm = torch.nn.functional.layer_norm
+            torch.testing.assert_close(layer_norm(got[module_path][2], gate.shape), layer_norm(gate, gate.shape))
+
+
+def test_phatgoose_expert_files_with_input_gates_convert(peft_library, tmp_path):
+    base, originals = peft_library
+    phatgoose_expert_checkpoint(originals[0], base, tmp_path / "p3paws.pt", output_gate=True)
+    phatgoose_expert_checkpoint(originals[1], base, tmp_path / "p3qqp.pt", router_key=True)
+    phatgoose_expert_checkpoint(originals[2], base, tmp_path / "p3agnews.pt")
+    converted = convert_checkpoints(
+        [tmp_path / "p3paws.pt", tmp_path / "p3qqp.pt", tmp_path / "p3agnews.pt"], tmp_path / "converted",
+        names=["p3paws", "p3qqp", "p3agnews"], embeddings=tmp_path / "nomic_instruction_embedding.pt",
+        instructions={**json.loads((tmp_path / "instructions.json").read_text()), "p3agnews": "First."},
+    )  # fmt: skip
+    assert_same_glider(base, converted, originals)
+
+
+def test_phatgoose_checkpoint_without_gates_and_instructions_in_a_torch_file(peft_library, tmp_path):
+    base, originals = peft_library
+    phatgoose_checkpoint(originals, base, tmp_path / "phatgoose.pt")
+    state = torch.load(tmp_path / "phatgoose.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if "expert_embeddings" not in k}, tmp_path / "gateless.pt")
+    instructions = {"p3paws": "Paraphrase?", "p3qqp": ["Duplicate?", "Other."], "p3agnews": "Topic?"}
+    torch.save(instructions, tmp_path / "instructions.pt")
+    names = ["p3paws", "p3qqp", "p3agnews"]
+    with pytest.raises(ValueError, match=r"Expert 'p3paws' .*gateless.pt.*no gate for .*--no-gates"):
+        convert_checkpoints(tmp_path / "gateless.pt", tmp_path / "refused", names=names)
+    assert not (tmp_path / "refused").exists()
+    converted = convert_checkpoints(
+        tmp_path / "gateless.pt", tmp_path / "converted", names=names, gates=False,
+        instructions=tmp_path / "instructions.pt", embeddings=tmp_path / "nomic_instruction_embedding.pt",
+    )  # fmt: skip
+    got = GliderT5ForConditionalGeneration.from_experts(base, converted, top_k=2, local_router="arrow")
+    expected = GliderT5ForConditionalGeneration.from_experts(base, originals, top_k=2, local_router="arrow")
+    assert [e["instruction"] for e in got.config.experts] == ["Paraphrase?", "Duplicate?", "Topic?"]
+    got_state, expected_state = got.state_dict(), expected.state_dict()
+    assert all(torch.equal(got_state[k], expected_state[k]) for k in expected_state)
+
+
+def test_new_formats_refuse_what_they_cannot_convert(peft_library, tmp_path):
+    import hashlib
+
+    base, originals = peft_library
+    molora_state_dict(originals[:1] * 2, base, tmp_path / "molora.pt")
+    state = torch.load(tmp_path / "molora.pt", weights_only=True)
+    gate_key = next(k for k in state if k.endswith("lora_gate.default.weight"))
+    torch.save({**state, gate_key: state[gate_key][:1]}, tmp_path / "short_gates.pt")
+    torch.save({**state, gate_key.replace("default", "other"): state[gate_key]}, tmp_path / "two_adapters.pt")
+    phatgoose_checkpoint(originals[:2], base, tmp_path / "two.pt")
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    layer1 = next(k for k in two if k.endswith("layer1__0"))
+    input_gate = layer1.replace("layer1__0", "expert_input_gate")
+    torch.save({**two, input_gate: torch.ones(two[layer1].shape[0])}, tmp_path / "ambiguous_gate.pt")
+    phatgoose_expert_checkpoint(originals[0], base, tmp_path / "one.pt", router_key=True)
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    torch.save({**one, input_gate: one[input_gate] + 1}, tmp_path / "disagreeing_gate.pt")
+    torch.save({"p3paws": torch.zeros(4), "p3qqp": torch.zeros(5)}, tmp_path / "widths.pt")
+    torch.save({"p3paws": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.pt")
+    torch.save({"p3paws": torch.zeros(2, 3)}, tmp_path / "matrix.pt")
+    torch.save(["text"], tmp_path / "instructions_list.pt")
+    cases = [
+        ("short_gates.pt", {}, r"short_gates.pt: '.*lora_gate.default.weight' must hold one gate row per expert \[2,"),
+        ("two_adapters.pt", {}, r"two_adapters.pt holds several adapters \['default', 'other'\]"),
+        ("ambiguous_gate.pt", {}, r"ambiguous_gate.pt: '.*expert_input_gate' is a single expert's gate.*\[0, 1\]"),
+        ("disagreeing_gate.pt", {}, r"disagreeing_gate.pt: '.*expert_input_gate' disagrees with the router gate"),
+        ("molora.pt", {"embeddings": "widths.pt"}, r"widths.pt: vectors differ in width"),
+        ("molora.pt", {"embeddings": "nan.pt"}, r"nan.pt: 'p3paws' holds NaN"),
+        ("molora.pt", {"embeddings": "matrix.pt"}, r"matrix.pt: the entry 'p3paws' is not a float vector"),
+        ("molora.pt", {"instructions": "instructions_list.pt"}, r"instructions_list.pt: expected a dict"),
+    ]  # fmt: skip
+
+    def hashes():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
+
+    for checkpoint, kwargs, message in cases:
+        before = hashes()
+        kwargs = {key: tmp_path / value for key, value in kwargs.items()}
+        with pytest.raises(ValueError, match=message):
+            convert_checkpoints(tmp_path / checkpoint, tmp_path / "out", **kwargs)
+        assert hashes() == before and not (tmp_path / "out").exists()

@@ -130,3 +130,64 @@ def test_embedder_mismatch_and_wrong_width_are_refused(tmp_path, minilm, tiny_en
 def test_unloadable_embedder_names_it(tmp_path):
     with pytest.raises(ValueError, match="Could not load the instruction embedder .*no-such-model"):
         InstructionEmbedder(tmp_path / "no-such-model", backend="transformers")
+
+
+# The paper's embedder family: a model that needs a task prefix, Matryoshka truncation, recorded in the config.
+
+
+@pytest.fixture(scope="module")
+def prefixed_st_dir(tiny_encoder_dir, tmp_path_factory):
+    """A tiny local sentence-transformers model whose saved config declares nomic-style prompts."""
+    from sentence_transformers import models
+
+    directory = tmp_path_factory.mktemp("prefixed-st")
+    modules = [models.Transformer(str(tiny_encoder_dir)), models.Pooling(32, pooling_mode="mean"), models.Normalize()]
+    model = SentenceTransformer(modules=modules, device="cpu", prompts={"query": "search_query: "})
+    model.save(str(directory))
+    return directory
+
+
+def test_prefix_and_truncation_follow_sentence_transformers(prefixed_st_dir):
+    reference = SentenceTransformer(str(prefixed_st_dir), device="cpu")
+    embedder = InstructionEmbedder(prefixed_st_dir, prefix="search_query: ", truncate_dim=16)
+    assert embedder.dim == 16 and embedder.prefix == "search_query: "
+    full = reference.encode(TEXTS, prompt_name="query", convert_to_tensor=True)
+    expected = torch.nn.functional.normalize(full[:, :16], dim=-1)
+    torch.testing.assert_close(embedder.embed(TEXTS), expected, atol=1e-5, rtol=1e-5)
+    plain = reference.encode(TEXTS, convert_to_tensor=True)
+    assert not torch.allclose(torch.nn.functional.normalize(plain[:, :16], dim=-1), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="truncate_dim = 64 exceeds .*width 32"):
+        InstructionEmbedder(prefixed_st_dir, truncate_dim=64)
+
+
+def test_the_pipeline_embeds_queries_as_the_config_records(prefixed_st_dir, tokenizer, tmp_path):
+    from transformers import pipeline
+
+    from configuration_glider import GliderConfig
+
+    base = make_base()
+    g = torch.Generator().manual_seed(0)
+    dirs = [make_expert(tmp_path, base, f"e{i}", seed=i, embedding=torch.randn(16, generator=g)) for i in range(2)]
+    fields = dict(
+        instruction_embedding_model=str(prefixed_st_dir),
+        instruction_embedding_prefix="search_query: ",
+        instruction_embedding_truncate_dim=16,
+    )
+    model = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=1, **fields)
+    model.save_pretrained(tmp_path / "saved")
+    saved = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    for name, value in fields.items():
+        assert getattr(saved.config, name) == value
+    with pytest.raises(ValueError, match="instruction_embedding_prefix describes the tensors"):
+        saved.config.instruction_embedding_prefix = ""
+    with pytest.raises(ValueError, match="instruction_embedding_truncate_dim = 8 must equal instruction_embedding_dim"):
+        GliderConfig(instruction_embedding_dim=16, instruction_embedding_truncate_dim=8)
+
+    generator = pipeline("text2text-generation", model=saved, tokenizer=tokenizer)
+    reference = SentenceTransformer(str(prefixed_st_dir), device="cpu")
+    full = reference.encode(TEXTS, prompt="search_query: ", convert_to_tensor=True)
+    torch.testing.assert_close(
+        generator.instruction_embedder.embed(TEXTS), torch.nn.functional.normalize(full[:, :16], dim=-1)
+    )
+    with pytest.raises(ValueError, match=r"prefix 'search_query: ' \(instruction_embedding_prefix\)"):
+        check_embedder_matches(saved.config, InstructionEmbedder(prefixed_st_dir, truncate_dim=16))

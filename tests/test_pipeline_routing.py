@@ -6,6 +6,7 @@ itself, `generate` on single rows, local-only runs, and explicit instructions.""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -248,9 +249,11 @@ def test_cli_describe_experts_and_generate(tmp_path, tokenizer, server, referenc
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text(json.dumps({"input": "ALWAYS500 film"}) + "\n")
     files_before = {p: p.read_bytes() for d in dirs for p in d.iterdir()}
-    with pytest.warns(InstructionFallbackWarning), pytest.raises(RuntimeError, match="'sentiment'.*nothing written"):
-        main(["describe-experts", *map(str, dirs), "--data", f"sentiment={bad_data}",
-              "--generator", f"{server.base_url}#tiny-llm", "--instruction", f"translation={TASKS['translation']}"])  # fmt: skip
+    with pytest.warns(InstructionFallbackWarning):
+        assert main(["describe-experts", *map(str, dirs), "--data", f"sentiment={bad_data}",
+                     "--generator", f"{server.base_url}#tiny-llm", "--instruction", f"translation={TASKS['translation']}"]) == 1  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"glider describe-experts: error: .*'sentiment'.*nothing written", error)
     assert {p: p.read_bytes() for d in dirs for p in d.iterdir()} == files_before
 
     assert main(["describe-experts", *map(str, dirs), "--data", f"sentiment={data}",
