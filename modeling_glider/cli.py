@@ -81,6 +81,18 @@ def ratio(text: str) -> float:
     return number(text, low=0, high=1, high_open=True, what="a number in [0, 1)")
 
 
+def shard_size(text: str) -> int | str:
+    """A size such as 2GB, 500MB or 1GiB, or a number of bytes."""
+    from .library import check_shard_size
+
+    size = int(text) if text.isdigit() else text
+    try:
+        check_shard_size(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 1GiB, got {text!r}") from None
+    return size
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -94,6 +106,7 @@ def _build(args: argparse.Namespace) -> int:
     model = build_library(
         args.base, args.experts, args.out, tokenizer=args.tokenizer, top_k=args.top_k, local_router=args.local_router,
         arrow_temperature=args.arrow_temperature, global_routing_scale=args.global_routing_scale, router_top_p=args.top_p,
+        dtype=args.dtype, max_shard_size=args.max_shard_size,
     )  # fmt: skip
     config = model.config
     global_router = (
@@ -283,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--local-router", choices=["phatgoose", "arrow"], default="phatgoose",
                        help="Trained Phatgoose gates, or training-free Arrow prototypes (default: %(default)s).")  # fmt: skip
     build.add_argument("--arrow-temperature", type=positive, default=10.0, help="T of Arrow (default: %(default)s).")
+    build.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="Store base and experts in this dtype (default: the base's); routing stays fp32.")  # fmt: skip
+    build.add_argument("--max-shard-size", type=shard_size, default="50GB",
+                       help="Largest safetensors file; larger models are sharded with an index (default: %(default)s).")  # fmt: skip
     build.set_defaults(run=_build)
 
     gates = commands.add_parser("train-gates", help="Train the Phatgoose gates of one LoRA expert on its task data.")

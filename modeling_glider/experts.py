@@ -19,11 +19,12 @@ import math
 import os
 import re
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -44,6 +45,10 @@ EXPERT_CONFIG = "glider_expert.json"
 EXPERT_WEIGHTS = "glider_expert.safetensors"
 EXPERT_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_CONFIG, EXPERT_WEIGHTS]
 WEIGHTS_SHA256 = "weights_sha256"  # in glider_expert.json: the sha256 of the glider_expert.safetensors written with it
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight$")
 # adapter_config.json entries that make an adapter something other than plain LoRA (W + s B A on the unchanged base
@@ -142,6 +147,7 @@ class Expert:
     gates: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> [d_in]
     instruction_embedding: torch.Tensor | None = None
     embedding_model: str | None = None
+    directory: Path | None = None  # where its files are: a build reads the tensors of an expert read as a header here
 
     @property
     def module_paths(self) -> list[str]:
@@ -184,6 +190,40 @@ def _read_safetensors(path: Path, who: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _read_safetensors_header(path: Path, who: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors (shape and dtype, no data): only its header is read."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{who}: missing {path.name} (looked for {path}).")
+    try:
+        with safe_open(path, "pt") as file:
+            return {
+                key: torch.empty(
+                    file.get_slice(key).get_shape(),
+                    dtype=SAFETENSORS_DTYPES.get(file.get_slice(key).get_dtype(), torch.float32),
+                    device="meta",
+                )
+                for key in file.keys()
+            }
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{who}: {path} is not a readable safetensors file (corrupt or truncated?): {error}") from None
+
+
+def _read_tensor(file, key: str, header: torch.Tensor, path: Path, who: str) -> torch.Tensor:
+    """Tensor `key` of the open safetensors `file` at `path`, checked against its `header` (meta tensor) and for NaN."""
+    try:
+        tensor = file.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{who}: {path} is not a readable safetensors file (corrupt or truncated?): {error}") from None
+    if tensor.shape != header.shape:
+        raise ValueError(
+            f"{who}: tensor {key!r} in {path.name} has shape {tuple(tensor.shape)}, but {tuple(header.shape)} when the "
+            "expert was checked: the file changed while the model was built."
+        )
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{who}: tensor {key!r} in {path.name} holds NaN or inf values.")
+    return tensor
+
+
 def resolve_expert_dir(spec: str | os.PathLike) -> Path:
     """The local directory of an expert: `spec` itself when it exists (or is a path), otherwise a Hub repo id,
     `org/name` or `org/name@revision`, whose expert files are downloaded into the Hugging Face cache."""
@@ -210,6 +250,17 @@ def resolve_expert_dir(spec: str | os.PathLike) -> Path:
 def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
     """Read and check one expert: a directory, or the id of a Hub repo holding one (see `resolve_expert_dir`). With
     `name`, a plain PEFT adapter (no `glider_expert.json`) is read as an expert of that name with no instruction."""
+    return _read_expert(spec, name, tensors=True)
+
+
+def read_expert_header(spec: str | os.PathLike) -> Expert:
+    """`load_expert` without the LoRA weights and gates: those are meta tensors (shape and dtype) read from the files'
+    headers, checked like the tensors themselves. A build checks every expert this way first, then reads each
+    expert's tensors once, straight into the model (`_fill_expert`)."""
+    return _read_expert(spec, None, tensors=False)
+
+
+def _read_expert(spec: str | os.PathLike, name: str | None, tensors: bool) -> Expert:
     directory = resolve_expert_dir(spec)
     who = f"Expert at {spec}"
     if not directory.is_dir():
@@ -226,7 +277,8 @@ def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
     check_adapter_config(adapter_config, who)
 
     lora_A, lora_B = {}, {}
-    for key, tensor in _read_safetensors(directory / ADAPTER_WEIGHTS, who).items():
+    read = _read_safetensors if tensors else _read_safetensors_header
+    for key, tensor in read(directory / ADAPTER_WEIGHTS, who).items():
         match = LORA_KEY.match(key)
         if match is None:
             raise ValueError(
@@ -249,7 +301,7 @@ def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
             if key == "instruction_embedding":
                 instruction_embedding = tensor.float().flatten()
             elif key.startswith("gate.") and key[5:] in lora_A:
-                gates[key[5:]] = tensor.flatten()
+                gates[key[5:]] = tensor.flatten() if tensors else tensor.to("meta")  # a header: its shape
             else:
                 raise ValueError(
                     f"{who}: unexpected tensor {key!r} in {EXPERT_WEIGHTS} (gates are 'gate.<adapted module path>')."
@@ -264,6 +316,7 @@ def load_expert(spec: str | os.PathLike, *, name: str | None = None) -> Expert:
         gates=gates,
         instruction_embedding=instruction_embedding,
         embedding_model=meta.get("embedding_model"),
+        directory=directory,
     )
 
 
@@ -425,26 +478,31 @@ def expert_lora_scalings(expert: Expert, linears: dict[str, nn.Linear]) -> dict[
     return _lora_scalings(expert, config.experts[0], config)
 
 
-def _router_gates(expert: Expert, entry: dict, config: GliderConfig, linears: dict[str, nn.Linear]) -> dict:
-    """Module path -> what the local router scores this expert by there: its Phatgoose gate, or its Arrow prototype."""
+def _check_router_gates(expert: Expert, entry: dict, config: GliderConfig, linears: dict[str, nn.Linear]) -> None:
+    """Check every rank against adapter_config.json, and that a Phatgoose library has a gate of the right width for
+    every linear the expert adapts (shapes only: `expert` may be a header)."""
     who = f"Expert {expert.name!r} ({expert.source})"
-    _lora_scalings(expert, entry, config)  # checks every rank against adapter_config.json
-    gates = {}
+    _lora_scalings(expert, entry, config)
+    if config.local_router == "arrow":
+        return
     for path in expert.module_paths:
-        if config.local_router == "arrow":
-            gates[path] = arrow_prototype(expert.lora_A[path], expert.lora_B[path])
-        elif path in expert.gates:
-            if expert.gates[path].numel() != linears[path].in_features:
-                raise ValueError(
-                    f"{who}: gate for {path} has {expert.gates[path].numel()} values, expected {linears[path].in_features}."
-                )
-            gates[path] = expert.gates[path]
-        else:
+        if path not in expert.gates:
             raise ValueError(
                 f"{who}: no Phatgoose gate for {path} in {EXPERT_WEIGHTS}. Train the gates (`glider train-gates`) "
                 "or build with local_router='arrow', which needs none."
             )
-    return gates
+        if expert.gates[path].numel() != linears[path].in_features:
+            raise ValueError(
+                f"{who}: gate for {path} has {expert.gates[path].numel()} values, expected {linears[path].in_features}."
+            )
+
+
+def _router_gates(expert: Expert, entry: dict, config: GliderConfig, linears: dict[str, nn.Linear]) -> dict:
+    """Module path -> what the local router scores this expert by there: its Phatgoose gate, or its Arrow prototype."""
+    _check_router_gates(expert, entry, config, linears)
+    if config.local_router == "arrow":
+        return {path: arrow_prototype(expert.lora_A[path], expert.lora_B[path]) for path in expert.module_paths}
+    return {path: expert.gates[path] for path in expert.module_paths}
 
 
 def arrow_prototype(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
@@ -505,18 +563,39 @@ def check_config_overrides(overrides: dict, caller: str) -> None:
             raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}{hint}")
 
 
-def build_glider_model(cls, base, expert_dirs: list, **config_fields):
-    """See `GliderT5ForConditionalGeneration.from_experts`."""
+BUILD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: torch.dtype | str | None, who: str = "from_experts(dtype=...)") -> torch.dtype | None:
+    """`dtype` as a torch dtype: None (the base's dtypes), or float32, bfloat16 or float16 (a dtype or its name)."""
+    if dtype is None or dtype in BUILD_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in BUILD_DTYPES:
+        return BUILD_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"{who}: dtype must be one of {list(BUILD_DTYPES)} (or the torch dtype), got {dtype!r}.")
+
+
+def build_glider_model(cls, base, expert_dirs: list, dtype: torch.dtype | str | None = None, **config_fields):
+    """See `GliderT5ForConditionalGeneration.from_experts`.
+
+    Memory: every expert is first checked from its files' headers (shapes, no tensor data), the model is made on the
+    meta device, and each expert's tensors are then read once, straight into their slots of the stacked expert
+    tensors; so the build holds the model and at most one expert's tensors besides. A base given by name is loaded
+    here and its tensors become the model's (cast one at a time); a base given as a model is copied (it stays the
+    caller's).
+    """
     check_config_overrides(config_fields, "from_experts")
+    dtype = check_dtype(dtype)
     if isinstance(expert_dirs, (str, os.PathLike)) or not expert_dirs:
         raise ValueError("experts must be a non-empty list of expert directories.")
-    experts = [load_expert(d) for d in tqdm(expert_dirs, desc="Reading experts", disable=len(expert_dirs) < 8)]
+    experts = [read_expert_header(d) for d in expert_dirs]
     names = [e.name for e in experts]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         sources = {n: [str(e.source) for e in experts if e.name == n] for n in duplicates}
         raise ValueError(f"Duplicate expert names {duplicates}: {sources}. Every expert needs its own name.")
 
+    owned = isinstance(base, (str, os.PathLike))
     base = load_base(base)
     linears = routable_linears(base)
     base_name = base.config.name_or_path
@@ -538,6 +617,8 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
                 "base model's config, or the experts' files)."
             )
 
+    if dtype is not None:
+        base_config["dtype"] = str(dtype).removeprefix("torch.")
     config = GliderConfig(
         **{
             **base_config,
@@ -548,33 +629,100 @@ def build_glider_model(cls, base, expert_dirs: list, **config_fields):
             **config_fields,
         }
     )
+    for expert, entry in zip(experts, config.experts):
+        _check_router_gates(expert, entry, config, linears)
 
-    gates = [_router_gates(expert, entry, config, linears) for expert, entry in zip(experts, config.experts)]
-
-    with no_init_weights():
+    with torch.device("meta"), no_init_weights():
         model = cls(config)
-    # The base's dtypes (fp16 T5s keep `wo` in fp32); experts take their linear's dtype; the router stays fp32.
-    model.to(base.dtype)
-    for path, module in model.named_modules():
-        if path in linears:
-            module.to(linears[path].weight.dtype)
-    if model.global_router is not None:
-        model.global_router.float()
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    expert_params = ("lora_A", "lora_B", "router_gate", "expert_embeddings")
-    missing = [k for k in missing if not k.endswith(expert_params)]
-    if missing or unexpected:
-        raise ValueError(f"The base model does not fit a GliderT5: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-
+    _install_base_weights(model, base, dtype, share=owned)
+    modules = {path: m for path, m in model.named_modules() if isinstance(m, GliderLinear) and m.num_experts}
     with torch.no_grad():
-        for path, module in model.named_modules():
-            if isinstance(module, GliderLinear) and module.num_experts:
-                module.set_experts(
-                    {i: (experts[i].lora_A[path], experts[i].lora_B[path], gates[i][path]) for i in module.expert_ids}
-                )
-        if model.global_router is not None:
-            model.global_router.expert_embeddings.copy_(torch.stack([e.instruction_embedding for e in experts]))
+        for index, expert in enumerate(tqdm(experts, desc="Reading experts", disable=len(experts) < 8)):
+            _fill_expert(modules, index, expert, arrow=config.local_router == "arrow")
+    if model.global_router is not None:
+        model.global_router.expert_embeddings = torch.stack([e.instruction_embedding for e in experts]).float()
     return model.train(base.training)
+
+
+def _install_base_weights(model, base: T5ForConditionalGeneration, dtype: torch.dtype | None, share: bool) -> None:
+    """Give `model`, made on the meta device, the base's weights and zero expert tensors.
+
+    Each base tensor is cast to `dtype` (None: kept as it is; modules Transformers keeps in fp32 at that dtype, such as
+    T5's `wo` in fp16 and the global router, are fp32), and is the base's own tensor where `share` allows and no cast
+    is needed, a copy otherwise; tied weights stay tied. Every routed linear then allocates its expert tensors,
+    zero, in its weight's dtype (the experts take their linear's dtype), and its config-derived buffers.
+    """
+    fp32_modules = set()  # as `PreTrainedModel.from_pretrained(..., dtype=dtype)` keeps them
+    if dtype in (torch.float16, torch.bfloat16):
+        fp32_modules |= set(model._keep_in_fp32_modules_strict or ())
+    if dtype == torch.float16:
+        fp32_modules |= set(model._keep_in_fp32_modules or ())
+    base_tensors = base.state_dict(keep_vars=True)
+    made, used, mismatched = {}, set(), []
+    for module_path, module in model.named_modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                key = f"{module_path}.{name}" if module_path else name
+                if tensor is None or key not in base_tensors:
+                    continue
+                source = base_tensors[key]
+                used.add(key)
+                if source.shape != tensor.shape:
+                    mismatched.append(key)
+                    continue
+                if id(source) not in made:  # a tied weight is made once, and stays one object
+                    value = source.detach()
+                    target = torch.float32 if fp32_modules & set(key.split(".")) else dtype
+                    if target is not None and value.is_floating_point():
+                        value = value.to(target)
+                    if not share and value.data_ptr() == source.data_ptr():
+                        value = value.clone()
+                    elif share:
+                        source.data = value  # the base is ours: a tensor it no longer needs is freed now
+                    if isinstance(source, nn.Parameter):
+                        value = nn.Parameter(value, requires_grad=source.requires_grad)
+                    made[id(source)] = value
+                tensors[name] = made[id(source)]
+    for module in model.modules():
+        if isinstance(module, GliderLinear):
+            module.set_experts()
+    if model.global_router is not None:
+        model.global_router.expert_embeddings = torch.zeros(model.global_router.expert_embeddings.shape)
+    missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    unexpected = sorted(set(base_tensors) - used)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"The base model does not fit a GliderT5: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"mismatched shapes {mismatched[:5]}."
+        )
+
+
+def _fill_expert(modules: dict[str, GliderLinear], index: int, expert: Expert, arrow: bool) -> None:
+    """Read expert `index`'s LoRA weights and gates (`expert` is its header), one linear at a time, into its slot of
+    every routed linear it adapts (the rest of each slot stays zero: rank padding). Arrow prototypes are computed
+    from the tensors as read, before any cast to the model's dtype."""
+    who = f"Expert {expert.name!r} ({expert.source})"
+    adapter_path, gates_path = expert.directory / ADAPTER_WEIGHTS, expert.directory / EXPERT_WEIGHTS
+    try:
+        with safe_open(adapter_path, "pt") as adapter, nullcontext() if arrow else safe_open(gates_path, "pt") as gates:
+            for path in expert.module_paths:
+                A = _read_tensor(
+                    adapter, f"base_model.model.{path}.lora_A.weight", expert.lora_A[path], adapter_path, who
+                )
+                B = _read_tensor(
+                    adapter, f"base_model.model.{path}.lora_B.weight", expert.lora_B[path], adapter_path, who
+                )
+                if arrow:
+                    gate = arrow_prototype(A, B)
+                else:
+                    gate = _read_tensor(gates, f"gate.{path}", expert.gates[path], gates_path, who).flatten()
+                module, rank = modules[path], A.shape[0]
+                slot = module.expert_ids.index(index)
+                module.lora_A[slot, :rank] = A
+                module.lora_B[slot, :, :rank] = B
+                module.router_gate[slot] = gate
+    except (SafetensorError, OSError) as error:  # opening a file that was checked before: it changed since
+        raise ValueError(f"{who}: its files changed while the model was built ({error}).") from None
 
 
 # Growing and shrinking a built library in place. Each check runs before anything changes; then the config's expert

@@ -8,13 +8,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers.utils.hub import convert_file_size_to_int
 
 from .experts import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     EXPERT_CONFIG,
     check_config_overrides,
+    check_dtype,
     check_name,
     resolve_expert_dir,
 )
@@ -53,14 +56,20 @@ def build_library(
     *,
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
     top_k: int = 2,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "50GB",
     **config_overrides,
 ) -> GliderT5ForConditionalGeneration:
     """Build a GliderT5 from `base` and `experts` (see `expert_specs`) and save it, with the base's tokenizer (or
     `tokenizer`) when there is one, at `output_dir`, which must not exist or be empty: the folder appears complete,
-    or not at all. `config_overrides` are `GliderConfig` fields (`global_routing_scale`, `local_router`, ...)."""
+    or not at all. `dtype` stores base and experts in that dtype (see `from_experts`); weights larger than
+    `max_shard_size` (bytes, or a size such as `"2GB"`) are saved as safetensors shards with an index.
+    `config_overrides` are `GliderConfig` fields (`global_routing_scale`, `local_router`, ...)."""
     if "router_top_k" in config_overrides:
         raise TypeError("build_library() takes the number of experts per token as top_k=, not router_top_k=.")
     check_config_overrides(config_overrides, "build_library")
+    dtype = check_dtype(dtype, "build_library(dtype=...)")
+    check_shard_size(max_shard_size)
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"{output_dir} already exists and is not an empty folder.")
@@ -76,13 +85,24 @@ def build_library(
 
     with tempfile.TemporaryDirectory(prefix="glider-adapters-") as staging:
         specs = expert_specs(experts, Path(staging))
-        model = GliderT5ForConditionalGeneration.from_experts(base, specs, top_k=top_k, **config_overrides)
+        model = GliderT5ForConditionalGeneration.from_experts(base, specs, top_k=top_k, dtype=dtype, **config_overrides)
 
     with staged_folder(output_dir) as saving:
-        model.save_pretrained(saving)
+        model.save_pretrained(saving, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(saving)
     return model
 
 
-__all__ = ["build_library", "expert_specs"]
+def check_shard_size(size: int | str, who: str = "max_shard_size") -> int:
+    """`size` in bytes: a positive integer, or a string such as "2GB", "500MB", "1GiB" (as `save_pretrained` reads it)."""
+    try:
+        value = convert_file_size_to_int(size) if isinstance(size, (int, str)) and not isinstance(size, bool) else 0
+    except ValueError:
+        value = 0
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{who} must be a size such as '2GB', '500MB' or '1GiB' (or bytes >= 1), got {size!r}.")
+    return value
+
+
+__all__ = ["build_library", "check_shard_size", "expert_specs"]

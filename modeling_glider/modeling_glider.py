@@ -285,7 +285,8 @@ class GliderT5PreTrainedModel(T5PreTrainedModel):
     config: GliderConfig
     config_class = GliderConfig
     _no_split_modules = ["GliderT5Block"]
-    _keep_in_fp32_modules = ["wo", "global_router"]
+    _keep_in_fp32_modules = ["wo"]  # as T5: in fp16 models
+    _keep_in_fp32_modules_strict = ["global_router"]  # in fp16 and bf16 models: routing stays fp32
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -470,18 +471,21 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         *,
         top_k: int = 2,
         global_routing_scale: float | None = None,
+        dtype: torch.dtype | str | None = None,
         **config_overrides,
     ) -> "GliderT5ForConditionalGeneration":
         """Build a GliderT5 from a base T5 (model, Hub id or path) and expert directories (see `experts.py`).
 
-        Every expert is read and checked before anything is built; `config_overrides` set other `GliderConfig`
-        fields (e.g. `router_top_p`, `local_router`).
+        Every expert is checked (from its files' headers) before anything is built; then each expert's tensors are read
+        once, into the model, so the build needs little more memory than the model. `dtype` (`torch.bfloat16`,
+        `"float16"`, ...) stores base and experts in that dtype (default: the base's); routing stays fp32.
+        `config_overrides` set other `GliderConfig` fields (e.g. `router_top_p`, `local_router`).
         """
         from .experts import build_glider_model
 
         if global_routing_scale is not None:
             config_overrides["global_routing_scale"] = global_routing_scale
-        return build_glider_model(cls, base, experts, router_top_k=top_k, **config_overrides)
+        return build_glider_model(cls, base, experts, dtype=dtype, router_top_k=top_k, **config_overrides)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
