@@ -212,7 +212,7 @@ def test_folder_and_hub_id(library, tokenizer, pipe, tmp_path):
     expected = pipe(queries, return_experts=True, **GENERATE)
 
     from_folder = pipeline("text2text-generation", model=str(folder))
-    assert from_folder(queries, return_experts=True, **GENERATE) == expected
+    assert_same_outputs(from_folder(queries, return_experts=True, **GENERATE), expected)
 
     # A Hub id, served over HTTP by the Hub stand-in, loaded in a fresh interpreter without this package
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS", "PYTHONPATH"))}
@@ -227,8 +227,14 @@ def test_folder_and_hub_id(library, tokenizer, pipe, tmp_path):
     served = {path.rsplit("/", 1)[-1] for method, path, status in hub.requests if method == "GET" and status == 200}
     assert {"config.json", "model.safetensors", "pipeline_glider.py", "embedding.py", "instructions.py"} <= served
     assert result.returncode == 0, result.stderr[-3000:]
-    from_hub = json.loads(result.stdout.strip().splitlines()[-1])
-    for got, want in zip(from_hub, expected):
+    assert_same_outputs(json.loads(result.stdout.strip().splitlines()[-1]), expected)
+
+
+def assert_same_outputs(outputs, expected):
+    """Texts, instructions and experts equal; usage weights to fp32 rounding (a loaded model's tensors lie elsewhere
+    in memory, and the CPU's kernels may round differently with another alignment)."""
+    assert len(outputs) == len(expected)
+    for got, want in zip(outputs, expected):
         assert got[0]["generated_text"] == want[0]["generated_text"]
         assert got[0]["instruction"] == want[0]["instruction"]
         assert [e["name"] for e in got[0]["experts"]] == [e["name"] for e in want[0]["experts"]]
