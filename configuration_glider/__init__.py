@@ -1,3 +1,3 @@
-from .configuration_glider import GliderConfig
+from .configuration_glider import GliderConfig, is_positive_number
 
-__all__ = ["GliderConfig"]
+__all__ = ["GliderConfig", "is_positive_number"]

@@ -62,8 +62,10 @@ EXPERT_KEYS = (
 )
 
 
-def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+def is_positive_number(value, integer: bool = False) -> bool:
+    """A finite number > 0 (an int if `integer`); never a bool."""
+    kinds = int if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 class ExpertEntry(dict):
@@ -334,7 +336,7 @@ class GliderConfig(T5Config):
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"Expert {name!r}: 'target_modules' must be a non-empty list of module names.")
         r = expert.get("r")
-        if not _positive_number(r) or not isinstance(r, int):
+        if not is_positive_number(r, integer=True):
             raise ValueError(f"Expert {name!r}: 'r' must be a positive integer, got {r!r}.")
         for key in ("rank_pattern", "alpha_pattern"):
             if not isinstance(expert.get(key) or {}, dict):
@@ -363,13 +365,13 @@ class GliderConfig(T5Config):
             raise ValueError(f"Expert {name!r}: 'use_rslora' must be true or false, got {normalised['use_rslora']!r}.")
         if not isinstance(normalised["instruction"], str) or not isinstance(normalised["source"], str):
             raise ValueError(f"Expert {name!r}: 'instruction' and 'source' must be strings.")
-        if not _positive_number(normalised["lora_alpha"]):
+        if not is_positive_number(normalised["lora_alpha"]):
             raise ValueError(
                 f"Expert {name!r}: 'lora_alpha' must be a finite number > 0, got {normalised['lora_alpha']!r}."
             )
         for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
             for pattern, value in normalised[key].items():
-                if not _positive_number(value) or (integer and not isinstance(value, int)):
+                if not is_positive_number(value, integer):
                     kind = "a positive integer" if integer else "a finite number > 0"
                     raise ValueError(f"Expert {name!r}: {key}[{pattern!r}] must be {kind}, got {value!r}.")
         return normalised

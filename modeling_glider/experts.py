@@ -15,7 +15,6 @@ check runs before anything is built, and errors name the expert, file and module
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import warnings
@@ -35,9 +34,9 @@ from .routing import GliderGlobalRouter, GliderLinear
 from .staging import staging_file
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
-    from .configuration_glider import GliderConfig
+    from .configuration_glider import GliderConfig, is_positive_number
 except ImportError:  # the installed packages
-    from configuration_glider import GliderConfig
+    from configuration_glider import GliderConfig, is_positive_number
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -87,11 +86,6 @@ def check_name(name, who: str) -> str:
             f"{who}: the name {name!r} cannot be a folder name (no '/', '\\', NUL, surrounding spaces, '.' or '..')."
         )
     return name
-
-
-def is_positive_number(value, integer: bool = False) -> bool:
-    kinds = int if integer else (int, float)
-    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def check_adapter_config(adapter_config: dict, who: str) -> None:
