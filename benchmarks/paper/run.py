@@ -37,13 +37,14 @@ from .rows import BY_NAME, ROWS, Row
 PAPER_FIGURES = Path(__file__).resolve().parent / "paper_figures.json"
 
 
-def score_task(model, tokenizer, examples, accepted, routing) -> float:
-    """The task's score in percent: rank-classification accuracy (all examples have choices) or exact match."""
+def score_task(model, tokenizer, examples, accepted, routing) -> tuple[float, list]:
+    """The task's score in percent, rank-classification accuracy (all examples have choices) or exact match, and the
+    predictions it counts: per example every choice's length-normalised cross-entropy, or the greedy answer."""
     if all(e.choices for e in examples):
         predictions = choice_scores(model, tokenizer, examples, routing)
         references = [e.choices.index(e.target) for e in examples]
         result = _metric("rank_classification").compute(predictions=predictions, references=references)
-        return 100 * result["accuracy"]
+        return 100 * result["accuracy"], predictions
     if any(e.choices for e in examples):
         raise ValueError(f"Task {examples[0].task!r} mixes examples with and without answer choices.")
     answers = generate_answers(model, tokenizer, examples, routing)
@@ -52,7 +53,7 @@ def score_task(model, tokenizer, examples, accepted, routing) -> float:
         next((a for a in (ok or []) if a.strip() == answer.strip()), e.target)
         for e, ok, answer in zip(examples, accepted, answers)
     ]
-    return 100 * _metric("exact_match").compute(predictions=answers, references=references)["exact_match"]
+    return 100 * _metric("exact_match").compute(predictions=answers, references=references)["exact_match"], answers
 
 
 def routing_for(row: Row, model, task: str, table: dict | None, embedder):
@@ -73,11 +74,11 @@ def run_row(row: Row, model, tokenizer, tasks: dict, table: dict | None, embedde
     model.config.router_top_p = row.top_p
     if row.alpha is not None:
         model.config.global_routing_scale = row.alpha
-    scores = {}
+    scores, predictions = {}, {}
     for task, (examples, accepted) in tasks.items():
         routing = routing_for(row, model, task, table, embedder)
-        scores[task] = score_task(model, tokenizer, examples, accepted, routing)
-    return {"score": sum(scores.values()) / len(scores), "tasks": scores}
+        scores[task], predictions[task] = score_task(model, tokenizer, examples, accepted, routing)
+    return {"score": sum(scores.values()) / len(scores), "tasks": scores, "predictions": predictions}
 
 
 def markdown(results: list[dict]) -> str:
