@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="New or empty folder for results.json and results.md.")
     parser.add_argument("--input-embeddings", help="{task: tensor} file: route each task by its embedding.")
     parser.add_argument("--embedder", help="Local copy of the model's recorded embedder (per-query routing).")
+    parser.add_argument("--device", help="Where the model runs (default: cuda when available, else cpu).")
     parser.add_argument("--paper-figures", default=str(PAPER_FIGURES), help="JSON {row: figure or null}.")
     try:
         args = parser.parse_args(argv)
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 if row.alpha is not None:
                     task_instruction_embeddings({**table}, list(data[row.task_set]))  # names a missing task
         disable_progress_bar()
-        model = GliderT5ForConditionalGeneration.from_pretrained(args.model).eval()
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = GliderT5ForConditionalGeneration.from_pretrained(args.model).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         if table is not None:
             task_instruction_embeddings(table, list(table)[:1], model.config)  # the width, against the experts'
