@@ -13,7 +13,9 @@ from transformers import AutoTokenizer
 from benchmarks.paper.rows import BY_NAME, ROWS, TASK_SETS
 from benchmarks.paper.run import PAPER_FIGURES, main
 from modeling_glider import GliderT5ForConditionalGeneration
-from tests.conftest import EMBED_DIM, assert_decisive
+from modeling_glider.embedding import load_embedder
+from tests.conftest import EMBED_DIM, assert_decisive, make_base, make_expert
+from tests.test_embedding import tiny_encoder_dir  # noqa: F401 (fixture)
 from tests.test_reference_mode import TASKS, official_model, released, set_task  # noqa: F401 (fixture)
 
 QUESTIONS = [
@@ -212,3 +214,41 @@ def test_a_missing_task_embedding_and_a_bad_figures_file_are_refused(setup, tmp_
     err = capsys.readouterr().err
     assert str(tmp_path / "figures.json") in err and "t0/heldin/top_1-scale_100" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_per_query_routing_embeds_each_query(tiny_encoder_dir, tokenizer, tmp_path, capsys):  # noqa: F811
+    base = make_base(seed=3)
+    g = torch.Generator().manual_seed(4)
+    dirs = [
+        make_expert(tmp_path / "e", base, f"e{i}", seed=i, embedding=torch.randn(32, generator=g)) for i in range(3)
+    ]
+    model = GliderT5ForConditionalGeneration.from_experts(base, dirs, instruction_embedding_model=str(tiny_encoder_dir))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data" / "t0-heldin").mkdir(parents=True)
+    path = tmp_path / "data" / "t0-heldin" / "p3paws.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in p3_lines(True, 5)))
+    name = "t0/heldin/top_1-scale_100"
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--row", name]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    (result,) = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert result["routing"] == "query"
+
+    # by hand: each query's own embedding (the embedder is tested in tests/test_embedding.py), one choice at a time
+    embedder = load_embedder(str(tiny_encoder_dir))
+    model.config.update({"routing_compatibility": "reference", "router_top_k": 1, "global_routing_scale": 100.0})
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    expected = []
+    with torch.no_grad():
+        for e in examples_of(path):
+            ids = tok(e["input"], return_tensors="pt").input_ids
+            u = embedder.embed([e["input"]])
+            losses = []
+            for choice in e["choices"]:
+                labels = tok(choice, return_tensors="pt").input_ids
+                logits = model(input_ids=ids, labels=labels, instruction_embeddings=u).logits[0]
+                losses.append(float(-logits.log_softmax(-1).gather(-1, labels[0][:, None]).mean()))
+            expected.append(losses)
+    torch.testing.assert_close(
+        torch.tensor(result["predictions"]["p3paws"]), torch.tensor(expected), rtol=1e-4, atol=1e-5
+    )
