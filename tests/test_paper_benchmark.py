@@ -252,3 +252,25 @@ def test_per_query_routing_embeds_each_query(tiny_encoder_dir, tokenizer, tmp_pa
     torch.testing.assert_close(
         torch.tensor(result["predictions"]["p3paws"]), torch.tensor(expected), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("case", ["missing task set", "out not empty", "unknown row"])
+def test_bad_arguments_are_refused_in_one_line_naming_the_culprit(setup, case, tmp_path, capsys):
+    root = setup[-1]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kept.txt").write_text("kept")
+    row, data, out = "t0/heldin/top_2-scale_100", root / "data", tmp_path / "new"
+    culprit = {"missing task set": str(root / "data" / "t0-heldout"), "out not empty": str(tmp_path / "out")}
+    culprit["unknown row"] = "t0/heldin/top_4"
+    if case == "missing task set":
+        row = "t0/heldout/top_1-scale_3"
+    elif case == "out not empty":
+        out = tmp_path / "out"
+    else:
+        row = "t0/heldin/top_4"
+    before = sha256s(tmp_path)
+    code = main(["--model", str(root / "model"), "--data", str(data), "--row", row, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("glider paper: error: ") and err.count("\n") == 1, err
+    assert culprit[case] in err
+    assert sha256s(tmp_path) == before and not (tmp_path / "new").exists()
