@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             table = load_task_embeddings(args.input_embeddings, "Input-side instruction embeddings")
             for row in selected:
                 if row.alpha is not None:
-                    task_instruction_embeddings({**table}, list(data[row.task_set]))  # names a missing task
+                    task_instruction_embeddings(table, list(data[row.task_set]))  # names a missing task
         disable_progress_bar()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = GliderT5ForConditionalGeneration.from_pretrained(args.model).to(device).eval()
