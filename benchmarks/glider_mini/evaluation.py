@@ -30,10 +30,9 @@ def generate_answers(
     max_new_tokens = max(len(tokenizer(e.target).input_ids) for e in examples) + 4
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        inputs = tokenizer([e.input for e in batch], return_tensors="pt", padding=True)
-        output = model.generate(
-            **inputs, **_routing(routing_inputs, batch), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1
-        )
+        inputs = tokenizer([e.input for e in batch], return_tensors="pt", padding=True).to(model.device)
+        routing = {name: value.to(model.device) for name, value in _routing(routing_inputs, batch).items()}
+        output = model.generate(**inputs, **routing, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         answers += tokenizer.batch_decode(output, skip_special_tokens=True)
     return answers
 
@@ -48,11 +47,13 @@ def choice_scores(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         rows = [(e, choice) for e in batch for choice in e.choices]
-        inputs = tokenizer([e.input for e, _ in rows], return_tensors="pt", padding=True)
-        labels = tokenizer([choice for _, choice in rows], return_tensors="pt", padding=True).input_ids
+        inputs = tokenizer([e.input for e, _ in rows], return_tensors="pt", padding=True).to(model.device)
+        labels = tokenizer([choice for _, choice in rows], return_tensors="pt", padding=True).input_ids.to(model.device)
         labels[labels == tokenizer.pad_token_id] = -100
         routing = {
-            name: value.repeat_interleave(torch.tensor([len(e.choices) for e in batch]), dim=0)
+            name: value.to(model.device).repeat_interleave(
+                torch.tensor([len(e.choices) for e in batch]).to(model.device), dim=0
+            )
             for name, value in _routing(routing_inputs, batch).items()
         }
         logits = model(**inputs, labels=labels, **routing).logits
