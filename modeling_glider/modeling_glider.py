@@ -712,7 +712,7 @@ def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, 
     """Refuse a loaded model whose weights disagree with its config or hold NaN/inf; each problem names the tensor and
     the config field it disagrees with."""
     problems = []
-    for key, saved, built in info.get("mismatched_keys", []):
+    for key, saved, built in sorted(info.get("mismatched_keys", [])):  # in a stable order: the first five are shown
         kind = key.rsplit(".", 1)[-1]
         if kind in EXPERT_TENSORS:
             fields = [EXPERT_TENSOR_DIMS[kind][d] for d in range(len(built)) if d >= len(saved) or saved[d] != built[d]]
@@ -720,7 +720,10 @@ def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, 
                 f"{key} holds {tuple(saved)} but config.json implies {tuple(built)}: see {'; '.join(fields)}"
             )
         elif not allow_base_mismatch:
-            problems.append(f"{key} holds {tuple(saved)} but config.json implies {tuple(built)} (d_model, d_ff, ...)")
+            problems.append(
+                f"{key} holds {tuple(saved)} but config.json implies {tuple(built)} (d_model, d_ff, d_kv, num_heads, "
+                "vocab_size)"
+            )
     for key in sorted(info.get("missing_keys", [])):
         if key.rsplit(".", 1)[-1] in EXPERT_TENSORS:
             problems.append(

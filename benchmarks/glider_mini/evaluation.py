@@ -30,7 +30,9 @@ def generate_answers(
     max_new_tokens = max(len(tokenizer(e.target).input_ids) for e in examples) + 4
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        inputs = tokenizer([e.input for e in batch], return_tensors="pt", padding=True).to(model.device)
+        # T5 reads right-padded inputs; a tokenizer saved with padding_side="left" must not change the scores
+        inputs = tokenizer([e.input for e in batch], return_tensors="pt", padding=True, padding_side="right")
+        inputs = inputs.to(model.device)
         routing = {name: value.to(model.device) for name, value in _routing(routing_inputs, batch).items()}
         output = model.generate(**inputs, **routing, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         answers += tokenizer.batch_decode(output, skip_special_tokens=True)
@@ -47,8 +49,13 @@ def choice_scores(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         rows = [(e, choice) for e in batch for choice in e.choices]
-        inputs = tokenizer([e.input for e, _ in rows], return_tensors="pt", padding=True).to(model.device)
-        labels = tokenizer([choice for _, choice in rows], return_tensors="pt", padding=True).input_ids.to(model.device)
+        pad = {
+            "return_tensors": "pt",
+            "padding": True,
+            "padding_side": "right",
+        }  # whatever the tokenizer was saved with
+        inputs = tokenizer([e.input for e, _ in rows], **pad).to(model.device)
+        labels = tokenizer([choice for _, choice in rows], **pad).input_ids.to(model.device)
         labels[labels == tokenizer.pad_token_id] = -100
         routing = {
             name: value.to(model.device).repeat_interleave(
