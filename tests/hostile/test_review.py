@@ -325,7 +325,9 @@ def test_loading_paths_route_as_the_saved_model(world, kwargs):
     for module in loaded.modules():
         if isinstance(module, GliderLinear) and module.num_experts:
             assert module.expert_index.tolist() == module.expert_ids and module.lora_scaling.dtype == torch.float32
-    torch.testing.assert_close(loaded(**data).logits, expected(**data).logits, rtol=0, atol=0)
+    # the same weights, but maybe at another memory alignment, which some CPU kernels round differently
+    reference = expected(**data).logits
+    torch.testing.assert_close(loaded(**data).logits, reference, rtol=1e-5, atol=1e-6 * reference.abs().max().item())
 
 
 @torch.no_grad()
