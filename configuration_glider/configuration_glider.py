@@ -24,6 +24,7 @@ CUSTOM_PIPELINES = {
 }
 LOCAL_ROUTERS = ("phatgoose", "arrow")
 GLOBAL_ROUTING_POLICIES = ("fixed", "threshold")
+GLOBAL_ROUTING_DESCRIPTORS = ("instruction", "samples", "both")
 LORA_IMPLEMENTATIONS = ("auto", "dense", "gather", "grouped")
 ROUTING_COMPATIBILITIES = ("glider", "reference")
 # Routing knobs may change at any time (each assignment is checked); the library fields describe the tensors of a
@@ -35,6 +36,7 @@ ROUTING_KNOBS = (
     "global_routing_policy",
     "global_routing_threshold",
     "global_routing_scale_unmatched",
+    "global_routing_descriptor",
     "arrow_temperature",
     "lora_implementation",
     "routing_compatibility",
@@ -59,6 +61,7 @@ EXPERT_KEYS = (
     "use_rslora",
     "rank_pattern",
     "alpha_pattern",
+    "samples",
 )
 
 
@@ -133,7 +136,8 @@ class GliderConfig(T5Config):
     experts (`list[dict]`):
         One entry per expert, in routing order: `name`, `instruction`, `source`, `target_modules` (PEFT semantics:
         module names or dotted suffixes of `T5ForConditionalGeneration` module paths), `r`, `lora_alpha`,
-        `use_rslora`, `rank_pattern`, `alpha_pattern` (PEFT semantics). These fix every LoRA shape and scaling.
+        `use_rslora`, `rank_pattern`, `alpha_pattern` (PEFT semantics), `samples` (how many embedded inputs of the
+        expert's training data the global router holds, 0 if none). These fix every LoRA shape and scaling.
     router_top_k (`int`, defaults to 2):
         Experts kept per token and per routed linear after the softmax; their weights are renormalised.
     router_top_p (`float`, *optional*):
@@ -147,8 +151,13 @@ class GliderConfig(T5Config):
         `global_routing_scale` when the query's best cosine similarity to an expert instruction reaches
         `global_routing_threshold` (it matches a known task), `global_routing_scale_unmatched` otherwise (an unseen
         task, where the local routers should lead).
+    global_routing_descriptor (`str`, defaults to `"instruction"`):
+        What describes expert e to the global router, the G_e of `alpha * cos(u, G_e)`. `"instruction"`: the
+        embedding of its instruction (the paper). `"samples"`: a descriptor fitted to the embedded samples of the
+        experts' training inputs (a cosine classifier over the library, `fit_expert_descriptors`; an expert without
+        samples keeps its instruction embedding). `"both"`: the mean of the two cosines. The score stays in [-1, 1].
     global_routing_threshold (`float`, defaults to 0.3):
-        Best cosine similarity from which a query counts as matching a known expert (threshold policy only).
+        Best score (cosine similarity with the descriptor) from which a query counts as matching a known expert (threshold policy only).
     global_routing_scale_unmatched (`float`, defaults to 3.0):
         alpha for a query that matches no known expert (threshold policy only).
     local_router (`str`, defaults to `"phatgoose"`):
@@ -199,6 +208,7 @@ class GliderConfig(T5Config):
     global_routing_policy: str = "fixed"
     global_routing_threshold: float | int = 0.3
     global_routing_scale_unmatched: float | int = 3.0
+    global_routing_descriptor: str = "instruction"
     local_router: str = "phatgoose"
     arrow_temperature: float | int = 10.0
     instruction_embedding_dim: int | None = None
@@ -249,6 +259,21 @@ class GliderConfig(T5Config):
             raise ValueError(
                 f"global_routing_policy must be one of {GLOBAL_ROUTING_POLICIES}, got {self.global_routing_policy!r}."
             )
+        if self.global_routing_descriptor not in GLOBAL_ROUTING_DESCRIPTORS:
+            raise ValueError(
+                f"global_routing_descriptor must be one of {GLOBAL_ROUTING_DESCRIPTORS}, got "
+                f"{self.global_routing_descriptor!r}."
+            )
+        if self.global_routing_descriptor != "instruction" and self.experts and not self.max_samples:
+            raise ValueError(
+                f"global_routing_descriptor={self.global_routing_descriptor!r} needs experts with embedded samples, "
+                "and no expert of this library has any (`glider describe-experts --samples N`)."
+            )
+        if self.global_routing_descriptor != "instruction" and self.routing_compatibility == "reference":
+            raise ValueError(
+                "routing_compatibility='reference' reproduces the authors' instruction-only global router: set "
+                "global_routing_descriptor='instruction'."
+            )
         if not -1.0 <= self.global_routing_threshold <= 1.0:
             raise ValueError(
                 f"global_routing_threshold is a cosine similarity in [-1, 1], got {self.global_routing_threshold!r}."
@@ -290,12 +315,12 @@ class GliderConfig(T5Config):
         """Mark this config as the description of a built model's tensors (its library fields are then fixed), or
         install a new expert list on it (how `add_expert` / `remove_expert` change the library)."""
         if experts is not None:
-            experts = self.normalise_experts(experts)
-            if self.router_top_k > len(experts):
-                raise ValueError(
-                    f"router_top_k (top_k) = {self.router_top_k} exceeds the number of experts ({len(experts)})."
-                )
-            self.__dict__["experts"] = experts
+            previous, self.__dict__["experts"] = self.experts, self.normalise_experts(experts)
+            try:
+                self.check_routing_knobs()  # e.g. top_k above the new number of experts
+            except ValueError:
+                self.__dict__["experts"] = previous
+                raise
         self.__dict__["_describes_model"] = True
 
     @classmethod
@@ -360,7 +385,11 @@ class GliderConfig(T5Config):
             use_rslora=expert.get("use_rslora", False),
             rank_pattern=ReadOnlyDict(expert.get("rank_pattern") or {}),
             alpha_pattern=ReadOnlyDict(expert.get("alpha_pattern") or {}),
+            samples=expert.get("samples", 0),
         )
+        samples = normalised["samples"]
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"Expert {name!r}: 'samples' must be an integer >= 0, got {samples!r}.")
         if not isinstance(normalised["use_rslora"], bool):
             raise ValueError(f"Expert {name!r}: 'use_rslora' must be true or false, got {normalised['use_rslora']!r}.")
         if not isinstance(normalised["instruction"], str) or not isinstance(normalised["source"], str):
@@ -400,6 +429,11 @@ class GliderConfig(T5Config):
         output["experts"] = json.loads(json.dumps(output["experts"]))  # plain dicts
         output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
         return output
+
+    @property
+    def max_samples(self) -> int:
+        """Rows per expert of the global router's `expert_samples` (the most samples any expert has)."""
+        return max((e["samples"] for e in self.experts), default=0)
 
     def expert_adapts(self, expert: dict, module_path: str) -> bool:
         return any(matches_pattern(t, module_path) for t in expert["target_modules"])

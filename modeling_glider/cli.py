@@ -106,7 +106,7 @@ def _build(args: argparse.Namespace) -> int:
     model = build_library(
         args.base, args.experts, args.out, tokenizer=args.tokenizer, top_k=args.top_k, local_router=args.local_router,
         arrow_temperature=args.arrow_temperature, global_routing_scale=args.global_routing_scale, router_top_p=args.top_p,
-        dtype=args.dtype, max_shard_size=args.max_shard_size,
+        dtype=args.dtype, max_shard_size=args.max_shard_size, global_routing_descriptor=args.global_routing_descriptor,
     )  # fmt: skip
     config = model.config
     global_router = (
@@ -213,7 +213,7 @@ def _describe_experts(args: argparse.Namespace) -> int:
     data = {name: read_samples(path) for name, path in _pairs(args.data, "--data").items()}
     written = describe_experts(
         args.experts, instructions=instructions, data=data, generator=args.generator, embedder=args.embedder, k=args.k,
-        seed=args.seed,
+        seed=args.seed, samples=args.samples,
     )  # fmt: skip
     for name, instruction in written.items():
         print(f"{name}: {instruction}")
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--top-k", type=count, default=2, help="Experts per token and linear (default: %(default)s).")
     build.add_argument("--top-p", type=fraction, help="Also keep only the experts within this probability mass.")
     build.add_argument("--global-routing-scale", type=finite, help="alpha of the global router (default: 100).")
+    build.add_argument("--global-routing-descriptor", choices=["instruction", "samples", "both"], default="instruction",
+                       help="What describes an expert to the global router (default: %(default)s).")  # fmt: skip
     build.add_argument("--local-router", choices=["phatgoose", "arrow"], default="phatgoose",
                        help="Trained Phatgoose gates, or training-free Arrow prototypes (default: %(default)s).")  # fmt: skip
     build.add_argument("--arrow-temperature", type=positive, default=10.0, help="T of Arrow (default: %(default)s).")
@@ -358,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--embedder", default=DEFAULT_EMBEDDING_MODEL, help="Embedding model (default: %(default)s).")
     describe.add_argument("-k", type=count, default=3, help="Samples shown per expert (default: %(default)s).")
     describe.add_argument("--seed", type=integer, default=0, help="Seed of the sample choice (default: %(default)s).")
+    describe.add_argument("--samples", type=count, default=0, metavar="N",
+                          help="Also embed N random inputs of each --data file, for global_routing_descriptor='samples'.")  # fmt: skip
     describe.set_defaults(run=_describe_experts)
 
     generate = commands.add_parser("generate", help="Answer queries with a saved GliderT5 and show the experts used.")

@@ -1,9 +1,11 @@
-"""`glider describe-experts`: give each expert a task instruction and its embedding (GLIDER's G_e).
+"""`glider describe-experts`: give each expert a task instruction and its embedding (GLIDER's G_e), and optionally
+embedded samples of its inputs.
 
 An expert's instruction is human-written (given, or already in its `glider_expert.json`) or written by an
 instruction generator from k random samples of the expert's data. All instructions are embedded by one
 `InstructionEmbedder`, whose id goes into `glider_expert.json` (`embedding_model`) so that a GliderT5 built from
-the experts records it.
+the experts records it. With `samples=N`, N random inputs of each expert's data are embedded by the same embedder
+(`sample_embeddings`), for the global router's fitted descriptors (`global_routing_descriptor="samples"`).
 
 Nothing is written unless every expert was read and checked in full and got its instruction and embedding. Then every
 expert's new files are written beside the old ones, and only when all are written are they renamed over the old
@@ -53,12 +55,17 @@ def describe_experts(
     embedder: InstructionEmbedder | str = DEFAULT_EMBEDDING_MODEL,
     k: int = 3,
     seed: int = 0,
+    samples: int = 0,
 ) -> dict[str, str]:
     """Write each expert's instruction and instruction embedding into its directory; returns name -> instruction.
 
     Per expert, by name: `instructions[name]` if given; else, with `data[name]` (samples) and a `generator`, an
-    instruction written from `k` random samples; else the instruction already in its `glider_expert.json`.
+    instruction written from `k` random samples; else the instruction already in its `glider_expert.json`. With
+    `samples` > 0, `samples` random inputs of `data[name]` (all of them if fewer) are embedded as its
+    `sample_embeddings`; embedded samples an expert already has are kept if they come from the same embedder.
     """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples must be an integer >= 0 (inputs to embed per expert), got {samples!r}.")
     instructions, data = dict(instructions or {}), dict(data or {})
     for name, text in instructions.items():
         if text is not None and (not isinstance(text, str) or not text.strip()):
@@ -66,8 +73,13 @@ def describe_experts(
     generator = load_instruction_generator(generator)
     if isinstance(generator, QueryInstructions):
         raise ValueError("'query' mode writes no expert instructions: give a generator (URL or model) or instructions.")
-    if data and generator is None:
-        raise ValueError(f"Samples were given for {sorted(data)}, but no instruction generator to read them.")
+    if data and generator is None and not samples:
+        raise ValueError(
+            f"Samples were given for {sorted(data)}, but no instruction generator to read them and no number of "
+            "them to embed (samples)."
+        )
+    if samples and not data:
+        raise ValueError(f"samples={samples} asks for embedded inputs, but no expert's data was given.")
     directories = [Path(d) for d in expert_dirs]
     metas, experts = {}, {}
     for directory in directories:
@@ -99,12 +111,27 @@ def describe_experts(
             )
 
     embedder = embedder if isinstance(embedder, InstructionEmbedder) else load_embedder(str(embedder))
+    sample_embeddings = {}
+    for name, (directory, meta) in metas.items():
+        if samples and name in data:
+            inputs = [s if isinstance(s, str) else s["input"] for s in data[name]]
+            sample_embeddings[name] = embedder.embed(
+                random.Random(f"{seed}/{name}").sample(inputs, min(samples, len(inputs)))
+            )
+        elif experts[name].sample_embeddings is not None:
+            if meta.get("embedding_model") != embedder.model_id:
+                raise ValueError(
+                    f"Expert {name!r} ({directory}) has sample_embeddings made with {meta.get('embedding_model')!r}; "
+                    f"give its data to embed them anew with {embedder.model_id!r}."
+                )
+            sample_embeddings[name] = experts[name].sample_embeddings
     embeddings = embedder.embed([chosen[name] for name in metas])
     staged = []
     try:
         for (name, (directory, meta)), embedding in zip(metas.items(), embeddings):
             new_meta = {**meta, "instruction": chosen[name], "embedding_model": embedder.model_id}
-            staged += stage_expert_files(directory, new_meta, expert_tensors(experts[name], embedding))
+            tensors = expert_tensors(experts[name], embedding, sample_embeddings.get(name))
+            staged += stage_expert_files(directory, new_meta, tensors)
         replace_expert_files(staged)
     finally:
         for source, _ in staged:
@@ -112,8 +139,13 @@ def describe_experts(
     return chosen
 
 
-def expert_tensors(expert: Expert, instruction_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What `glider_expert.safetensors` holds for `expert` with a new `instruction_embedding`: its gates as they are."""
+def expert_tensors(
+    expert: Expert, instruction_embedding: torch.Tensor, sample_embeddings: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """What `glider_expert.safetensors` holds for `expert` with a new `instruction_embedding` (and embedded samples):
+    its gates as they are."""
     tensors = {f"gate.{path}": gate for path, gate in expert.gates.items()}
     tensors["instruction_embedding"] = instruction_embedding.detach().float().cpu().flatten().contiguous()
+    if sample_embeddings is not None:
+        tensors["sample_embeddings"] = sample_embeddings.detach().float().cpu().contiguous()
     return tensors

@@ -6,7 +6,8 @@ An expert directory holds:
 - `glider_expert.json`: `{"name": ..., "instruction": ...}` (optionally `"embedding_model"`: the sentence
   embedder of `instruction_embedding`; and `"weights_sha256"`: that of the `glider_expert.safetensors` written with it);
 - `glider_expert.safetensors`: `gate.<module path>` -> `[d_in]` for every adapted linear (Phatgoose gates), and
-  optionally `instruction_embedding` -> `[D]`.
+  optionally `instruction_embedding` -> `[D]` and `sample_embeddings` -> `[n, D]` (embedded inputs of the expert's
+  training data, same embedder: what the global router's fitted descriptors learn from).
 
 Module paths are those of `T5ForConditionalGeneration`, e.g. `encoder.block.0.layer.0.SelfAttention.q`. Every
 check runs before anything is built, and errors name the expert, file and module at fault.
@@ -140,6 +141,7 @@ class Expert:
     lora_B: dict[str, torch.Tensor]  # module path -> [d_out, r]
     gates: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> [d_in]
     instruction_embedding: torch.Tensor | None = None
+    sample_embeddings: torch.Tensor | None = None  # [n, D]
     embedding_model: str | None = None
     directory: Path | None = None  # where its files are: a build reads the tensors of an expert read as a header here
 
@@ -289,11 +291,24 @@ def _read_expert(spec: str | os.PathLike, name: str | None, tensors: bool) -> Ex
                 f"{who}: module {path!r} has inconsistent LoRA shapes A {tuple(lora_A[path].shape)}, B {tuple(lora_B[path].shape)}."
             )
 
-    gates, instruction_embedding = {}, None
+    gates, instruction_embedding, sample_embeddings = {}, None, None
     if (directory / EXPERT_WEIGHTS).exists():
         for key, tensor in _read_safetensors(directory / EXPERT_WEIGHTS, who).items():
             if key == "instruction_embedding":
+                if tensor.dim() != 1 and tuple(tensor.shape[:-1]) != (1,):
+                    raise ValueError(
+                        f"{who}: instruction_embedding in {EXPERT_WEIGHTS} must be one vector [D], got "
+                        f"{tuple(tensor.shape)}."
+                    )
                 instruction_embedding = tensor.float().flatten()
+            elif key == "sample_embeddings":
+                sample_embeddings = tensor.float()
+                if tensor.dim() != 2 or not len(tensor) or not tensor.shape[1]:
+                    raise ValueError(
+                        f"{who}: sample_embeddings in {EXPERT_WEIGHTS} must be [samples, D], got {tuple(tensor.shape)}."
+                    )
+                if not torch.isfinite(sample_embeddings).all() or not sample_embeddings.any(dim=-1).all():
+                    raise ValueError(f"{who}: sample_embeddings in {EXPERT_WEIGHTS} hold NaN, inf or rows of zeros.")
             elif key.startswith("gate.") and key[5:] in lora_A:
                 gates[key[5:]] = tensor.flatten() if tensors else tensor.to("meta")  # a header: its shape
             else:
@@ -309,6 +324,7 @@ def _read_expert(spec: str | os.PathLike, name: str | None, tensors: bool) -> Ex
         lora_B=lora_B,
         gates=gates,
         instruction_embedding=instruction_embedding,
+        sample_embeddings=sample_embeddings,
         embedding_model=meta.get("embedding_model"),
         directory=directory,
     )
@@ -321,12 +337,15 @@ def save_expert_files(
     gates: dict[str, torch.Tensor] | None = None,
     instruction_embedding: torch.Tensor | None = None,
     embedding_model: str | None = None,
+    sample_embeddings: torch.Tensor | None = None,
 ) -> None:
     """Write `glider_expert.json` and `glider_expert.safetensors` next to a PEFT adapter (see `write_expert_files`)."""
     directory = Path(directory)
     tensors = {f"gate.{path}": gate.detach().float().cpu().contiguous() for path, gate in (gates or {}).items()}
     if instruction_embedding is not None:
         tensors["instruction_embedding"] = instruction_embedding.detach().float().cpu().flatten().contiguous()
+    if sample_embeddings is not None:
+        tensors["sample_embeddings"] = sample_embeddings.detach().float().cpu().contiguous()
     meta = {"name": name, "instruction": instruction}
     if embedding_model is not None:
         meta["embedding_model"] = embedding_model
@@ -449,6 +468,7 @@ def _config_entry(expert: Expert, linears: dict[str, nn.Linear]) -> dict:
         "use_rslora": adapter.get("use_rslora", False),
         "rank_pattern": adapter.get("rank_pattern") or {},
         "alpha_pattern": adapter.get("alpha_pattern") or {},
+        "samples": 0 if expert.sample_embeddings is None else len(expert.sample_embeddings),
     }
 
 
@@ -525,10 +545,28 @@ def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None]:
     widths = {e.name: e.instruction_embedding.numel() for e in experts}
     if len(set(widths.values())) > 1:
         raise ValueError(f"Experts' instruction embeddings differ in width: {widths}.")
+    for expert in experts:
+        _check_samples(expert, widths[expert.name])
     models = {e.embedding_model for e in experts}
     if len(models) > 1:
         raise ValueError(f"Experts' instructions were embedded with different models: {sorted(map(str, models))}.")
     return widths[experts[0].name], models.pop()
+
+
+def _check_samples(expert: Expert, width: int | None) -> None:
+    """Embedded samples need the expert's instruction embedding, and its width (one embedder for both)."""
+    if expert.sample_embeddings is None:
+        return
+    if width is None:
+        raise ValueError(
+            f"Expert {expert.name!r} ({expert.source}) has sample_embeddings but no instruction_embedding: the "
+            "global router needs both (glider describe-experts writes both)."
+        )
+    if expert.sample_embeddings.shape[1] != width:
+        raise ValueError(
+            f"Expert {expert.name!r} ({expert.source}): sample_embeddings are {expert.sample_embeddings.shape[1]} "
+            f"wide, its instruction_embedding {width}: both must come from one embedder."
+        )
 
 
 def _check_base_names(experts: list[Expert]) -> None:
@@ -634,7 +672,8 @@ def build_glider_model(cls, base, expert_dirs: list, dtype: torch.dtype | str | 
         for index, expert in enumerate(tqdm(experts, desc="Reading experts", disable=len(experts) < 8)):
             _fill_expert(modules, index, expert, arrow=config.local_router == "arrow")
     if model.global_router is not None:
-        model.global_router.expert_embeddings = torch.stack([e.instruction_embedding for e in experts]).float()
+        embeddings = torch.stack([e.instruction_embedding for e in experts])
+        model.global_router.set_experts(embeddings, [e.sample_embeddings for e in experts])
     return model.train(base.training)
 
 
@@ -682,6 +721,7 @@ def _install_base_weights(model, base: T5ForConditionalGeneration, dtype: torch.
             module.set_experts()
     if model.global_router is not None:
         model.global_router.expert_embeddings = torch.zeros(model.global_router.expert_embeddings.shape)
+        model.global_router.register_samples(model.config.max_samples)  # off the meta device too; filled later
     missing = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     unexpected = sorted(set(base_tensors) - used)
     if missing or unexpected or mismatched:
@@ -744,6 +784,7 @@ def add_expert(model, directory: str | os.PathLike) -> None:
                 f"{who}: instruction_embedding has {expert.instruction_embedding.numel()} values, the library's "
                 f"have {config.instruction_embedding_dim}."
             )
+        _check_samples(expert, config.instruction_embedding_dim)
         if expert.embedding_model != config.instruction_embedding_model:
             raise ValueError(
                 f"{who}: instruction embedded with {expert.embedding_model!r}, the library's with "
@@ -763,6 +804,7 @@ def add_expert(model, directory: str | os.PathLike) -> None:
     if model.global_router is not None:
         old = model.global_router.expert_embeddings
         embeddings = torch.cat([old, expert.instruction_embedding.to(old)[None]])
+        embeddings = (embeddings, [*model.global_router.expert_sample_rows(), expert.sample_embeddings])
     _set_library(model, [*config.experts, entry], tensors, embeddings)
 
 
@@ -786,14 +828,15 @@ def remove_expert(model, name: str) -> None:
             tensors[path] = {(i if i < removed else i - 1): t for i, t in kept.items()}
     embeddings = None
     if model.global_router is not None:
-        old = model.global_router.expert_embeddings
-        embeddings = torch.cat([old[:removed], old[removed + 1 :]])
+        old, samples = model.global_router.expert_embeddings, model.global_router.expert_sample_rows()
+        embeddings = (torch.cat([old[:removed], old[removed + 1 :]]), samples[:removed] + samples[removed + 1 :])
     _set_library(model, [e for e in config.experts if e["name"] != name], tensors, embeddings)
 
 
-def _set_library(model, experts: list[dict], tensors: dict, embeddings: torch.Tensor | None) -> None:
+def _set_library(model, experts: list[dict], tensors: dict, embeddings: tuple | None) -> None:
     """Install a new expert list: in the model's config and its encoder's and decoder's copies, in every routed
-    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router. All or nothing: if
+    linear (`tensors`: module path -> expert id -> unpadded A, B, gate) and in the global router (`embeddings`: the
+    instruction embeddings and each expert's embedded samples; its descriptors are fitted anew). All or nothing: if
     anything fails on the way (memory, an interrupt), every module and config is put back as it was."""
     configs = (model.config, model.encoder.config, model.decoder.config)
     modules = [m for m in model.modules() if isinstance(m, (GliderLinear, GliderGlobalRouter))]
@@ -807,7 +850,7 @@ def _set_library(model, experts: list[dict], tensors: dict, embeddings: torch.Te
                 if isinstance(module, GliderLinear):
                     module.set_experts(tensors[path])
             if embeddings is not None:
-                model.global_router.expert_embeddings = embeddings
+                model.global_router.set_experts(*embeddings)
     except BaseException:
         for config, saved in zip(configs, saved_configs):
             config.describe_model(saved)

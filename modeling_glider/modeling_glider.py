@@ -299,7 +299,9 @@ class GliderT5PreTrainedModel(T5PreTrainedModel):
                 init.zeros_(module.lora_B)  # a fresh expert changes nothing
                 init.zeros_(module.router_gate)
         elif isinstance(module, GliderGlobalRouter):
-            init.zeros_(module.expert_embeddings)
+            for tensor in (module.expert_embeddings, module.expert_samples, module.expert_descriptors):
+                if tensor is not None:
+                    init.zeros_(tensor)
 
 
 class GliderT5Stack(GliderT5PreTrainedModel, T5Stack):
@@ -698,13 +700,15 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
 
 
-EXPERT_TENSORS = ("lora_A", "lora_B", "router_gate", "expert_embeddings")
+EXPERT_TENSORS = ("lora_A", "lora_B", "router_gate", "expert_embeddings", "expert_samples", "expert_descriptors")
 # What each dimension of an expert tensor follows from in the config.
 EXPERT_TENSOR_DIMS = {
     "lora_A": ("the experts adapting this linear (experts[*].target_modules)", "the experts' largest rank (r, rank_pattern)", "the linear's input width (d_model, d_ff, d_kv * num_heads)"),
     "lora_B": ("the experts adapting this linear (experts[*].target_modules)", "the linear's output width (d_model, d_ff, d_kv * num_heads)", "the experts' largest rank (r, rank_pattern)"),
     "router_gate": ("the experts adapting this linear (experts[*].target_modules)", "the linear's input width (d_model, d_ff, d_kv * num_heads)"),
     "expert_embeddings": ("the number of experts (experts)", "instruction_embedding_dim"),
+    "expert_samples": ("the number of experts (experts)", "the most samples of an expert (experts[*].samples)", "instruction_embedding_dim"),
+    "expert_descriptors": ("the number of experts (experts)", "instruction_embedding_dim"),
 }  # fmt: skip
 
 
@@ -734,6 +738,7 @@ def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, 
     for key in sorted(info.get("unexpected_keys", [])):
         if key.rsplit(".", 1)[-1] in EXPERT_TENSORS:
             field = "instruction_embedding_dim" if key.startswith("global_router.") else "experts' target_modules"
+            field = "experts[*].samples" if key.endswith(("expert_samples", "expert_descriptors")) else field
             problems.append(f"the weights hold {key}, which config.json's {field} does not provide for")
         else:
             problems.append(f"the weights hold {key}, which config.json has no place for (num_layers, ...)")
@@ -747,6 +752,14 @@ def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, 
                     problems.append(
                         f"expert {experts[expert_id]['name']!r} at {path} has rank {rank} in config.json (r, "
                         f"rank_pattern), but its weights hold values beyond rank {rank}"
+                    )
+        router = model.global_router
+        if router is not None and router.expert_samples is not None and not router.expert_samples.is_meta:
+            for expert, rows in zip(experts, router.expert_samples):
+                if rows[expert["samples"] :].any() or not rows[: expert["samples"]].any(dim=-1).all():
+                    problems.append(
+                        f"expert {expert['name']!r} has {expert['samples']} samples in config.json (experts[*].samples), "
+                        "but global_router.expert_samples holds another number of non-zero rows for it"
                     )
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():

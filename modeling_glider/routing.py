@@ -260,18 +260,99 @@ class GliderLinear(nn.Linear):
         return f"{super().extra_repr()}, experts={self.num_experts}, max_rank={max(self.expert_ranks, default=0)}"
 
 
-class GliderGlobalRouter(nn.Module):
-    """GLIDER's global router: `alpha * cos(u, G_e)`, one bias per query and expert for every routed linear.
+# How `fit_expert_descriptors` fits: temperature of its softmax over cosines, full-batch Adam steps and step size.
+DESCRIPTOR_TEMPERATURE = 10.0
+DESCRIPTOR_STEPS = 300
+DESCRIPTOR_LEARNING_RATE = 1e-2
 
-    alpha follows `config.global_routing_policy`: fixed, or per query by a threshold on its best cosine similarity. A
-    row of zeros in the instruction embeddings means "no instruction for this query" (e.g. its instruction could not
-    be written): that row gets no global term, so the query is routed by the local routers alone.
+
+def fit_expert_descriptors(
+    instruction_embeddings: torch.Tensor, samples: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    """Expert descriptors fitted to embedded samples of the experts' inputs: unit vectors W_e such that
+    `softmax_e(T cos(s, W_e))` names the expert of every sample s (a cosine classifier over the library; cross-entropy,
+    each expert's samples weighted equally). `samples` `[E, N, D]` holds `counts[e]` rows for expert e. Starts from
+    each expert's sample centroid; an expert without samples keeps its instruction embedding (nothing to fit, but its
+    descriptor still competes). Deterministic: no random initialisation, full batches. -> `[E, D]` fp32.
+    """
+    with torch.enable_grad(), torch.inference_mode(False):
+        G = F.normalize(instruction_embeddings.detach().float().clone(), dim=-1)
+        counts_t = torch.tensor(counts, device=G.device)
+        mask = torch.arange(samples.shape[1], device=G.device)[None, :] < counts_t[:, None]  # [E, N]
+        X = F.normalize(samples.detach().float().clone()[mask], dim=-1)  # [S, D]
+        labels = torch.arange(len(counts), device=G.device)[:, None].expand_as(mask)[mask]
+        weights = 1.0 / counts_t[labels].float()
+        fitted = counts_t > 0
+        centroids = samples.detach().float().clone().sum(dim=1) / counts_t.clamp(min=1)[:, None]
+        W = torch.where(fitted[:, None], F.normalize(centroids, dim=-1), G).requires_grad_()
+        optimizer = torch.optim.Adam([W], lr=DESCRIPTOR_LEARNING_RATE)
+        for _ in range(DESCRIPTOR_STEPS if len(X) else 0):
+            descriptors = torch.where(fitted[:, None], F.normalize(W, dim=-1), G)
+            losses = F.cross_entropy(DESCRIPTOR_TEMPERATURE * X @ descriptors.T, labels, reduction="none")
+            loss = (losses * weights).sum() / fitted.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return torch.where(fitted[:, None], F.normalize(W.detach(), dim=-1), G)
+
+
+class GliderGlobalRouter(nn.Module):
+    """GLIDER's global router: `alpha * score(u, e)`, one bias per query and expert for every routed linear.
+
+    `score(u, e) = cos(u, G_e)` with G_e what `config.global_routing_descriptor` names: the expert's instruction
+    embedding (`expert_embeddings`, the paper), a descriptor fitted to embedded samples of its inputs
+    (`expert_descriptors`, fitted from `expert_samples` whenever the library changes), or the mean of both cosines.
+    alpha follows `config.global_routing_policy`: fixed, or per query by a threshold on its best score. A row of zeros
+    in the instruction embeddings means "no instruction for this query" (e.g. its instruction could not be written):
+    that row gets no global term, so the query is routed by the local routers alone.
     """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.register_buffer("expert_embeddings", torch.zeros(len(config.experts), config.instruction_embedding_dim))
+        self.register_samples(config.max_samples)
+
+    def register_samples(self, max_samples: int) -> None:
+        """(Re)make `expert_samples` `[E, N, D]` (expert e's `experts[e]["samples"]` first rows; zeros after) and
+        `expert_descriptors` `[E, D]`, or none when no expert has samples."""
+        shape = (len(self.config.experts), self.config.instruction_embedding_dim)
+        device = self.expert_embeddings.device
+        samples = torch.zeros(shape[0], max_samples, shape[1], device=device) if max_samples else None
+        self.register_buffer("expert_samples", samples)
+        self.register_buffer("expert_descriptors", torch.zeros(shape, device=device) if max_samples else None)
+
+    def set_experts(self, embeddings: torch.Tensor, samples: list[torch.Tensor | None]) -> None:
+        """Install the experts' instruction embeddings `[E, D]` and embedded samples (per expert `[n_e, D]` or None, n_e
+        as the config says) and fit the descriptors (the config must already list these experts)."""
+        self.expert_embeddings = embeddings.float().to(self.expert_embeddings.device)
+        self.register_samples(self.config.max_samples)
+        if self.expert_samples is not None:
+            for e, rows in enumerate(samples):
+                if rows is not None:
+                    self.expert_samples[e, : len(rows)] = rows.float()
+            counts = [expert["samples"] for expert in self.config.experts]
+            self.expert_descriptors = fit_expert_descriptors(self.expert_embeddings, self.expert_samples, counts)
+
+    def expert_sample_rows(self) -> list[torch.Tensor | None]:
+        """Each expert's embedded samples `[n_e, D]`, or None."""
+        counts = [expert["samples"] for expert in self.config.experts]
+        return [self.expert_samples[e, :n] if n else None for e, n in enumerate(counts)]
+
+    def scores(self, u: torch.Tensor) -> torch.Tensor:
+        """score(u, e) in [-1, 1] for `[batch, D]` query embeddings: `[batch, E]` fp32."""
+        G = self.expert_embeddings.float()
+        u = u.float().to(G.device)
+        if self.config.routing_compatibility == "reference":
+            # the authors' code drops the last value of every instruction embedding (`embedding[:-1]`), both sides
+            u, G = u[:, :-1], G[:, :-1]
+        u = F.normalize(u, dim=-1)
+        instruction = u @ F.normalize(G, dim=-1).T
+        descriptor = self.config.global_routing_descriptor
+        if descriptor == "instruction":
+            return instruction
+        fitted = u @ F.normalize(self.expert_descriptors.float(), dim=-1).T
+        return fitted if descriptor == "samples" else (instruction + fitted) / 2
 
     def forward(self, instruction_embeddings: torch.Tensor) -> torch.Tensor:
         """`[batch, D]` instruction embeddings -> `[batch, num_experts]` global routing logits (fp32)."""
@@ -288,19 +369,14 @@ class GliderGlobalRouter(nn.Module):
         if not torch.isfinite(u).all():
             bad = (~torch.isfinite(u)).any(dim=-1).nonzero().flatten().tolist()
             raise ValueError(f"instruction_embeddings rows {bad} hold NaN or inf.")
-        G = self.expert_embeddings.float()
-        u = u.float().to(G.device)
-        has_instruction = (u != 0).any(dim=-1, keepdim=True)
-        if self.config.routing_compatibility == "reference":
-            # the authors' code drops the last value of every instruction embedding (`embedding[:-1]`), both sides
-            u, G = u[:, :-1], G[:, :-1]
-        cosine = F.normalize(u, dim=-1) @ F.normalize(G, dim=-1).T
+        has_instruction = (u != 0).any(dim=-1, keepdim=True).to(self.expert_embeddings.device)
+        score = self.scores(u)
         config = self.config
         if config.global_routing_policy == "threshold":
-            matches_an_expert = cosine.max(dim=-1, keepdim=True).values >= config.global_routing_threshold
+            matches_an_expert = score.max(dim=-1, keepdim=True).values >= config.global_routing_threshold
             alpha = torch.where(
                 matches_an_expert, config.global_routing_scale, config.global_routing_scale_unmatched
             ).float()
         else:
-            alpha = torch.full((len(u), 1), float(config.global_routing_scale), device=G.device)
-        return torch.where(has_instruction, alpha * cosine, 0.0)
+            alpha = torch.full((len(u), 1), float(config.global_routing_scale), device=score.device)
+        return torch.where(has_instruction, alpha * score, 0.0)

@@ -278,7 +278,8 @@ def train_gates(
     The recipe of Phatgoose and GLIDER: the base model and the LoRA weights stay frozen; every adapted linear gets one
     gate vector v, zero at start, and computes `y = W x + sigmoid(v . x) * s * B A x`; AdamW trains only the gates
     (default 100 steps at learning rate 5e-3, constant). `glider_expert.safetensors` is then replaced by one holding
-    `gate.<module path>` for every adapted linear and the expert's `instruction_embedding` if it had one, and
+    `gate.<module path>` for every adapted linear and the expert's `instruction_embedding` and `sample_embeddings` if it
+    had them, and
     `glider_expert.json` by one recording it (see `experts.write_expert_files`): on an error, neither changes.
 
     `expert_dir` may be a plain PEFT LoRA adapter folder: `glider_expert.json` is then written too, with `name`
@@ -316,6 +317,8 @@ def train_gates(
         tensors = {f"gate.{path}": gate.contiguous() for path, gate in gates.items()}
         if expert.instruction_embedding is not None:
             tensors["instruction_embedding"] = expert.instruction_embedding
+        if expert.sample_embeddings is not None:
+            tensors["sample_embeddings"] = expert.sample_embeddings
         meta = read_expert_meta(expert_dir, f"Expert at {expert_dir}") if has_metadata else {"name": expert.name}
         meta["instruction"] = instruction if instruction is not None else meta.get("instruction", "")
         write_expert_files(expert_dir, meta, tensors)
@@ -348,11 +351,13 @@ def train_expert(
     gate_learning_rate: float = 5e-3,
     instruction_embedding: torch.Tensor | None = None,
     embedding_model: str | None = None,
+    sample_embeddings: torch.Tensor | None = None,
     trainer_args: dict | None = None,
 ) -> Path:
     """Train a new LoRA expert on one task with PEFT and `Seq2SeqTrainer`, then (by default) its Phatgoose gates on the
     same data, and write a complete expert directory at `output_dir`: PEFT adapter, `glider_expert.json` and
-    `glider_expert.safetensors` (gates, and `instruction_embedding` when given).
+    `glider_expert.safetensors` (gates, and `instruction_embedding` and `sample_embeddings` `[n, D]`, embedded inputs
+    of `data` by the same embedder, when given).
 
     Defaults follow GLIDER's experts: rank 16, scaling 1/r (`lora_alpha=1`), every linear of every block, AdamW at
     5e-3, constant after 6% warm-up; 1000 steps (GLIDER's effective batch is 1024: raise `batch_size`, or pass
@@ -382,6 +387,20 @@ def train_expert(
             )
     if embedding_model is not None and not isinstance(embedding_model, str):
         raise TypeError(f"embedding_model must be a string, got {embedding_model!r}.")
+    if sample_embeddings is not None:
+        width = None if instruction_embedding is None else instruction_embedding.numel()
+        if (
+            not isinstance(sample_embeddings, torch.Tensor)
+            or not sample_embeddings.is_floating_point()
+            or sample_embeddings.dim() != 2
+            or sample_embeddings.shape[1] != width
+            or not torch.isfinite(sample_embeddings).all()
+            or not sample_embeddings.any(dim=-1).all()
+        ):
+            raise ValueError(
+                f"Expert {name!r}: sample_embeddings must be finite non-zero rows [n, D] beside an instruction_embedding "
+                f"of the same width D ({width}), got {getattr(sample_embeddings, 'shape', sample_embeddings)!r}."
+            )
     for option, value in (("warmup_ratio", warmup_ratio), ("lora_dropout", lora_dropout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{option} must be in [0, 1), got {value!r}.")
@@ -427,7 +446,9 @@ def train_expert(
                 base, lora, dataset, tokenizer, steps=gate_steps, learning_rate=gate_learning_rate, **fit_kwargs
             )
         if staging is not None:
-            save_expert_files(staging, name, instruction, gates, instruction_embedding, embedding_model)
+            save_expert_files(
+                staging, name, instruction, gates, instruction_embedding, embedding_model, sample_embeddings
+            )
     PartialState().wait_for_everyone()
     return output_dir
 

@@ -6,11 +6,15 @@
 Stages: (1) a sentencepiece tokenizer trained on the suite's text; (2) a small T5 v1.1 pretrained from scratch with
 span corruption on unlabeled text made from the suite's training inputs; (3) the held-in experts' hand-written
 instructions embedded with all-MiniLM-L6-v2; (4) one PEFT LoRA expert per held-in task (`Seq2SeqTrainer`), then its
-Phatgoose gates; (5) the GliderT5 built from them, saved with its tokenizer, `recipe.json` (every hyper-parameter,
-seed and package version) and `SHA256SUMS` (`sha256sum -c SHA256SUMS` checks the files).
+Phatgoose gates; (5) `describe_experts` embeds `descriptor_samples` training inputs of each expert's task beside its
+instruction (for the global router's fitted descriptors), and the GliderT5 is built from the experts, saved with its
+tokenizer, `recipe.json` (every hyper-parameter, seed and package version) and `SHA256SUMS` (`sha256sum -c SHA256SUMS`
+checks the files).
 
 Each stage's result is kept in the work folder (default `<out>.work`, not part of the model); a rerun with the same
-recipe reuses finished stages. The model folder appears complete or not at all.
+recipe reuses finished stages. `--reuse MODEL` fills the work folder's stages 1-4 from a glider-mini built before
+(its tokenizer, base and experts, exported exactly), so that a recipe change of the last stage needs no retraining.
+The model folder appears complete or not at all.
 """
 
 import argparse
@@ -64,8 +68,9 @@ class Recipe:
     expert_warmup_ratio: float = 0.06
     gate_steps: int = 100
     gate_learning_rate: float = 5e-3
-    # global router
+    # global router: the instructions' embedder; embedded training inputs per expert (its fitted descriptor's data)
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    descriptor_samples: int = 64
     # routing defaults saved in the model's config (only the last stage depends on them); the alpha policy is the one
     # the benchmark chose on the validation split (benchmarks/results/glider_mini/results.json, "policy")
     top_k: int = 2
@@ -73,6 +78,7 @@ class Recipe:
     global_routing_scale: float = 300.0
     global_routing_threshold: float = 0.3
     global_routing_scale_unmatched: float = 3.0
+    global_routing_descriptor: str = "instruction"
     # data for measuring the pretraining (span corruption on validation inputs, never trained on)
     pretraining_eval_examples: int = 500
 
@@ -80,9 +86,19 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def stages_dict(self) -> dict:
-        """The fields the work folder's stages depend on (all but the routing defaults)."""
-        routing = ("top_k", "global_routing_policy", "global_routing_scale", "global_routing_threshold")
-        return {k: v for k, v in self.as_dict().items() if k not in (*routing, "global_routing_scale_unmatched")}
+        """The fields the work folder's stages depend on (all but those of the last stage)."""
+        return {k: v for k, v in self.as_dict().items() if k not in LAST_STAGE_FIELDS}
+
+
+LAST_STAGE_FIELDS = (
+    "top_k",
+    "global_routing_policy",
+    "global_routing_scale",
+    "global_routing_threshold",
+    "global_routing_scale_unmatched",
+    "global_routing_descriptor",
+    "descriptor_samples",
+)
 
 
 SMOKE = Recipe(
@@ -103,6 +119,7 @@ SMOKE = Recipe(
     expert_batch_size=4,
     gate_steps=2,
     pretraining_eval_examples=16,
+    descriptor_samples=4,
 )
 
 
@@ -226,16 +243,28 @@ class Stages:
     # Stage 5
     def assemble(self, out: Path, command: list[str]) -> None:
         from modeling_glider import GliderT5ForConditionalGeneration
+        from modeling_glider.describe import describe_experts
         from modeling_glider.packaging import code_files
 
         r = self.recipe
         base = T5ForConditionalGeneration.from_pretrained(self.work / "base")
-        model = GliderT5ForConditionalGeneration.from_experts(
-            base, [self.work / "experts" / name for name in r.tasks], top_k=r.top_k,
-            global_routing_scale=r.global_routing_scale, global_routing_policy=r.global_routing_policy,
-            global_routing_threshold=r.global_routing_threshold,
-            global_routing_scale_unmatched=r.global_routing_scale_unmatched, base_model_name_or_path="glider-mini-base",
-        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as scratch:  # the stage's experts stay as they are
+            experts = [shutil.copytree(self.work / "experts" / name, Path(scratch) / name) for name in r.tasks]
+            if r.descriptor_samples:
+                inputs = {
+                    name: [e.input for e in suite.examples(name, "train", r.descriptor_samples, r.seed)]
+                    for name in r.tasks
+                }
+                describe_experts(
+                    experts, data=inputs, samples=r.descriptor_samples, embedder=r.embedding_model, seed=r.seed
+                )
+            model = GliderT5ForConditionalGeneration.from_experts(
+                base, experts, top_k=r.top_k,
+                global_routing_scale=r.global_routing_scale, global_routing_policy=r.global_routing_policy,
+                global_routing_threshold=r.global_routing_threshold,
+                global_routing_scale_unmatched=r.global_routing_scale_unmatched,
+                global_routing_descriptor=r.global_routing_descriptor, base_model_name_or_path="glider-mini-base",
+            )  # fmt: skip
         for expert in model.config.experts:  # the work folder's path would mean nothing on another machine
             expert["source"] = f"glider-mini build: experts/{expert['name']}"
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -276,10 +305,41 @@ def write_sha256sums(directory: Path) -> None:
     (directory / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
+def reuse_stages(model_dir: Path, work: Path) -> None:
+    """Fill the stages 1-4 of `work` from a glider-mini built before: its tokenizer, base and experts (exported with
+    their tensors as they are), and each stage's time as its build report gives it."""
+    from modeling_glider import GliderT5ForConditionalGeneration
+
+    from .library import base_model, export_experts
+
+    model = GliderT5ForConditionalGeneration.from_pretrained(model_dir)
+    tokenizer = T5Tokenizer.from_pretrained(model_dir)
+    report = json.loads((model_dir / "build_report.json").read_text())
+    for stage in ("tokenizer", "base", "embeddings", "experts"):
+        staging = Path(tempfile.mkdtemp(prefix=f".{stage}.", dir=work))
+        if stage in ("tokenizer", "base"):
+            tokenizer.save_pretrained(staging)
+        if stage == "base":
+            base_model(model).save_pretrained(staging)
+            (staging / "pretraining_metrics.json").write_text(json.dumps(report["pretraining"], indent=2) + "\n")
+        if stage == "experts":
+            export_experts(model, staging)
+        (staging / "stage.json").write_text(
+            json.dumps({"seconds": report["seconds"][stage], "reused": str(model_dir)}) + "\n"
+        )
+        staging.chmod(0o755)
+        os.replace(staging, work / stage)
+
+
 def build(
-    out: str | Path, recipe: Recipe = Recipe(), work: str | Path | None = None, command: list[str] | None = None
+    out: str | Path,
+    recipe: Recipe = Recipe(),
+    work: str | Path | None = None,
+    command: list[str] | None = None,
+    reuse: str | Path | None = None,
 ) -> Path:
-    """Build glider-mini into `out` following `recipe`; returns `out`."""
+    """Build glider-mini into `out` following `recipe` (stages 1-4 taken from the glider-mini at `reuse`, if given);
+    returns `out`."""
     out = Path(out).resolve()
     work = Path(work).resolve() if work is not None else out.with_name(out.name + ".work")
     unknown = [name for name in recipe.tasks if name not in suite.HELD_IN]
@@ -297,6 +357,14 @@ def build(
                 "pick another work folder."
             )
     recorded.write_text(json.dumps(expected, indent=2) + "\n")
+    if reuse is not None:
+        reused = json.loads((Path(reuse) / "recipe.json").read_text())["recipe"]
+        differ = sorted(k for k in expected if k in reused and json.dumps(reused[k]) != json.dumps(expected[k]))
+        if differ or any((work / stage).exists() for stage in ("tokenizer", "base", "embeddings", "experts")):
+            raise ValueError(
+                f"--reuse needs an empty work folder and a model built with this recipe (differing in {differ})."
+            )
+        reuse_stages(Path(reuse).resolve(), work)
     torch.manual_seed(recipe.seed)
     stages = Stages(recipe, work)
     stages.run("tokenizer", stages.tokenizer)
@@ -317,15 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="Folder for the stages' results (default: <out>.work).")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes and a few steps: checks the pipeline only.")
     parser.add_argument(
+        "--reuse", help="A glider-mini built before: take its tokenizer, base and experts (stages 1-4)."
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's); 1 is faster on a busy machine."
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = SMOKE if args.smoke else Recipe()
-    build(
-        args.out, recipe, args.work, command=["python", "-m", "benchmarks.glider_mini.build", *(argv or sys.argv[1:])]
-    )
+    command = ["python", "-m", "benchmarks.glider_mini.build", *(argv or sys.argv[1:])]
+    build(args.out, recipe, args.work, command=command, reuse=args.reuse)
     return 0
 
 

@@ -35,7 +35,9 @@ def export_experts(model: GliderT5ForConditionalGeneration, directory: str | Pat
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    embeddings = model.global_router.expert_embeddings if model.global_router is not None else None
+    router = model.global_router
+    embeddings = router.expert_embeddings if router is not None else None
+    samples = router.expert_sample_rows() if router is not None else [None] * len(model.config.experts)
     per_linear = {path: linear.expert_tensors() for path, linear in glider_linears(model).items()}
     dirs = []
     for index, expert in enumerate(model.config.experts):
@@ -68,6 +70,7 @@ def export_experts(model: GliderT5ForConditionalGeneration, directory: str | Pat
             {path: gate.detach() for path, (_, _, gate) in own.items()},
             None if embeddings is None else embeddings[index],
             model.config.instruction_embedding_model,
+            samples[index],
         )
         dirs.append(target)
     return dirs
