@@ -136,6 +136,7 @@ def render_model_card(
         ("Global routing scale alpha (`global_routing_scale`)", config.global_routing_scale),
         ("alpha policy (`global_routing_policy`)", _alpha_policy(config)),
         ("Instruction embeddings", embedder),
+        ("Expert descriptor (`global_routing_descriptor`)", _descriptor(config)),
         ("Routing computation (`routing_compatibility`)", _compatibility(config)),
     ]
     evaluation = [
@@ -178,6 +179,17 @@ def _compatibility(config: GliderConfig) -> str:
             "experts ignoring top-k, top-k renormalised with +1e-6)"
         )
     return "glider"
+
+
+def _descriptor(config: GliderConfig) -> str:
+    with_samples = sum(1 for e in config.experts if e["samples"])
+    samples = f"{with_samples} of {len(config.experts)} experts carry embedded samples of their inputs"
+    descriptor = {
+        "instruction": "instruction: cos(u, instruction embedding)",
+        "samples": "samples: cos(u, descriptor fitted to the embedded samples)",
+        "both": "both: mean of the instruction and fitted-descriptor cosines",
+    }[config.global_routing_descriptor]
+    return f"{descriptor}; {samples}"
 
 
 def _alpha_policy(config: GliderConfig) -> str:

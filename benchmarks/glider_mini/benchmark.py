@@ -4,11 +4,15 @@
 
 Held-in and held-out averages and per-task scores on the test split for: the base model; the uniform merge of all
 experts; Arrow (training-free local routing); Phatgoose (local routing only); GLIDER (local + global, each query
-embedded as its own instruction: "query" mode); GLIDER with each task's hand-written instruction given; and the
-oracle (each held-in task's own expert, through PEFT). Plus sweeps of the alpha policy and of top-k.
+embedded as its own instruction: "query" mode), with the global router's descriptor and alpha policy chosen on
+validation, and with the paper's instruction descriptor; GLIDER with each task's hand-written instruction given; and
+the oracle (each held-in task's own expert, through PEFT). Plus sweeps of the alpha policy and of top-k, each
+descriptor's scores, how well a query's best score tells held-in from held-out tasks, and the held-in scores on the
+templates never used for training (nor for the experts' embedded samples).
 
-The alpha policy (a fixed alpha, or a threshold on the query's best cosine similarity choosing between two alphas)
-is the sweep's best on the validation split (mean of the held-in and held-out averages), never chosen on test.
+The descriptor (`global_routing_descriptor`: instruction, samples, both) and the alpha policy (a fixed alpha, or a
+threshold on the query's best score choosing between two alphas) are the sweep's best on the validation split (mean
+of the held-in and held-out averages), never chosen on test.
 A query's routing depends only on its own alpha, so a threshold policy's answers are assembled from the fixed-alpha
 runs' answers; the chosen policy is then run for real through the model's own global router on the test split.
 
@@ -29,10 +33,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from configuration_glider.configuration_glider import GLOBAL_ROUTING_DESCRIPTORS as DESCRIPTORS
 from modeling_glider import GliderT5ForConditionalGeneration
 
 from . import library, suite
@@ -48,6 +52,7 @@ METHODS = {
     "arrow": "Arrow (local only)",
     "phatgoose": "Phatgoose (local only)",
     "glider": "GLIDER (global + local, query mode)",
+    "glider_instruction_descriptor": "GLIDER, query mode, instruction descriptor (the paper)",
     "glider_instruction": "GLIDER, instruction given",
     "oracle": "Oracle (the task's own expert)",
 }
@@ -66,16 +71,24 @@ def objective(summary: dict) -> float:
 
 
 def policy_name(policy: dict) -> str:
+    descriptor = f"descriptor {policy['global_routing_descriptor']}, "
     if policy["global_routing_policy"] == "fixed":
-        return f"fixed alpha={policy['global_routing_scale']:g}"
-    return (
+        return descriptor + f"fixed alpha={policy['global_routing_scale']:g}"
+    return descriptor + (
         f"threshold {policy['global_routing_threshold']:g}: alpha={policy['global_routing_scale']:g} if matched, "
         f"{policy['global_routing_scale_unmatched']:g} otherwise"
     )
 
 
+def separation(higher: list[float], lower: list[float]) -> float:
+    """The probability that a random value of `higher` exceeds one of `lower` (ties count half): the ROC AUC."""
+    a, b = torch.tensor(higher)[:, None], torch.tensor(lower)[None, :]
+    return ((a > b).float().mean() + 0.5 * (a == b).float().mean()).item()
+
+
 class Benchmark:
-    """The model, its baselines' ingredients, the prompts of both splits and every prompt's cos(u, G_e)."""
+    """The model, its baselines' ingredients, the prompts of both splits and every prompt's scores score(u, e) by each
+    descriptor the library has."""
 
     def __init__(self, model_dir: str | Path, validation_size: int, test_size: int, seed: int):
         from modeling_glider.embedding import InstructionEmbedder
@@ -89,36 +102,62 @@ class Benchmark:
             for split, size in (("validation", validation_size), ("test", test_size))
         }
         self.embedder = InstructionEmbedder(self.model.config.instruction_embedding_model)
-        experts = F.normalize(self.model.global_router.expert_embeddings.float(), dim=-1)
-        self.cosine = {"instruction": {}}
+        self.descriptors = DESCRIPTORS if self.model.config.max_samples else ("instruction",)
         prompts = sorted({e.input for split in self.examples.values() for task in split.values() for e in task})
         u, _ = embed_query_instructions(prompts, self.embedder, QueryInstructions())
         self.query_embeddings = dict(zip(prompts, u))
-        self.cosine["query"] = dict(zip(prompts, F.normalize(u, dim=-1) @ experts.T))
-        for name, task in suite.TASKS.items():
-            u = self.embedder.embed([task.query_instruction])
-            self.cosine["instruction"][name] = (F.normalize(u, dim=-1) @ experts.T)[0]
+        given = self.embedder.embed([task.query_instruction for task in suite.TASKS.values()])
+        self.scores = {}  # descriptor -> {"query": prompt -> [E], "instruction": task -> [E]}
+        for descriptor in self.descriptors:
+            scores = self.descriptor_scores(descriptor, torch.cat([u, given]))
+            self.scores[descriptor] = {
+                "query": dict(zip(prompts, scores[: len(prompts)])),
+                "instruction": dict(zip(suite.TASKS, scores[len(prompts) :])),
+            }
 
-    def global_top1(self, split: str) -> dict:
-        """Per task, the share (%) of prompts whose most similar expert instruction is the task's own expert (held-in)
-        or one whose skill it needs (held-out), for the embedded query and for the given instruction."""
-        names = self.model.config.expert_names
+    @torch.no_grad()
+    def descriptor_scores(self, descriptor: str, u: torch.Tensor) -> torch.Tensor:
+        """score(u, e) by the model's own global router with `global_routing_descriptor = descriptor`."""
+        config = self.model.config
+        saved, config.global_routing_descriptor = config.global_routing_descriptor, descriptor
+        try:
+            return self.model.global_router.scores(u)
+        finally:
+            config.global_routing_descriptor = saved
+
+    def global_top1(self, split: str, descriptor: str) -> dict:
+        """Per task, the share (%) of prompts whose best-scoring expert is the task's own expert (held-in) or one whose
+        skill it needs (held-out), for the embedded query and for the given instruction."""
+        names, scores = self.model.config.expert_names, self.scores[descriptor]
         shares = {}
         for name, examples in self.examples[split].items():
             task = suite.TASKS[name]
             right = set(task.skills) if task.held_out else {name}
-            query = [names[int(self.cosine["query"][e.input].argmax())] in right for e in examples]
-            given = names[int(self.cosine["instruction"][name].argmax())] in right
+            query = [names[int(scores["query"][e.input].argmax())] in right for e in examples]
+            given = names[int(scores["instruction"][name].argmax())] in right
             shares[name] = {"query": 100 * sum(query) / len(query), "instruction": 100.0 * given}
         return shares
 
-    def global_logits(self, mode: str, alpha: float):
-        """Routing inputs: alpha * cos(u, G_e) for each prompt's u (its query, or its task's given instruction)."""
+    def unseen_detection(self, split: str, descriptor: str) -> dict:
+        """How well a query's best score tells held-in tasks (an expert knows the task) from held-out ones."""
+        best = {
+            part: [
+                self.scores[descriptor]["query"][e.input].max().item() for n in tasks for e in self.examples[split][n]
+            ]
+            for part, tasks in (("held_in", suite.HELD_IN), ("held_out", suite.HELD_OUT))
+        }
+        return {
+            "auc": separation(best["held_in"], best["held_out"]),
+            "mean_best_held_in": sum(best["held_in"]) / len(best["held_in"]),
+            "mean_best_held_out": sum(best["held_out"]) / len(best["held_out"]),
+        }
+
+    def global_logits(self, mode: str, alpha: float, descriptor: str):
+        """Routing inputs: alpha * score(u, e) for each prompt's u (its query, or its task's given instruction)."""
+        scores = self.scores[descriptor]
 
         def routing(batch):
-            rows = [
-                self.cosine["query"][e.input] if mode == "query" else self.cosine["instruction"][e.task] for e in batch
-            ]
+            rows = [scores["query"][e.input] if mode == "query" else scores["instruction"][e.task] for e in batch]
             return {"global_routing_logits": alpha * torch.stack(rows)}
 
         return routing
@@ -141,45 +180,77 @@ class Benchmark:
     def score(self, split: str, predictions: dict[str, list]) -> dict:
         return summarise({name: task_score(self.examples[split][name], p) for name, p in predictions.items()})
 
+    def score_unseen_templates(self, split: str, predictions: dict[str, list]) -> float | None:
+        """The held-in average over the prompts of the templates never used for training (nor for samples)."""
+        scores = []
+        for name in suite.HELD_IN:
+            if name not in predictions:
+                continue
+            first_unseen = len(suite.TASKS[name].train_templates)
+            kept = [(e, p) for e, p in zip(self.examples[split][name], predictions[name]) if e.template >= first_unseen]
+            if kept:
+                scores.append(task_score([e for e, _ in kept], [p for _, p in kept]))
+        return sum(scores) / len(scores) if scores else None
+
     def run(self, model, split: str, routing=None, tasks=None, desc: str = "") -> dict:
         return self.score(split, self.predictions(model, split, routing, tasks, desc))
 
     def threshold_policy(
-        self, split: str, by_alpha: dict[float, dict], threshold: float, matched: float, unmatched: float
+        self,
+        split: str,
+        by_alpha: dict[float, dict],
+        threshold: float,
+        matched: float,
+        unmatched: float,
+        descriptor: str,
     ):
         """A threshold policy's answers, taken per prompt from the fixed-alpha runs."""
-        assembled = {}
+        scores, assembled = self.scores[descriptor]["query"], {}
         for name, examples in self.examples[split].items():
             assembled[name] = [
-                by_alpha[matched if self.cosine["query"][e.input].max() >= threshold else unmatched][name][i]
+                by_alpha[matched if scores[e.input].max() >= threshold else unmatched][name][i]
                 for i, e in enumerate(examples)
             ]
         return assembled
 
 
-def choose_policy(bench: Benchmark, validation_by_alpha: dict[float, dict]) -> tuple[dict, list[dict]]:
-    """Every fixed alpha and threshold policy scored on validation. The chosen one is the first, in the order fixed
-    (smaller alpha first) then threshold, whose objective is within `TOLERANCE` of the best: a validation split of
-    this size cannot tell closer policies apart."""
+def choose_policy(bench: Benchmark, validation: dict[str, dict[float, dict]]) -> tuple[dict, list[dict]]:
+    """Every descriptor with every fixed alpha and threshold policy scored on validation (`validation`: descriptor ->
+    alpha -> answers). The chosen one is the first, in the order descriptor (instruction first), fixed (smaller alpha
+    first), then threshold, whose objective is within `TOLERANCE` of the best: a validation split of this size cannot
+    tell closer policies apart."""
     candidates = []
-    for alpha in ALPHAS:
-        policy = {"global_routing_policy": "fixed", "global_routing_scale": alpha}
-        candidates.append((policy, bench.score("validation", validation_by_alpha[alpha])))
-    for threshold, matched, unmatched in itertools.product(THRESHOLDS, ALPHAS, ALPHAS):
-        if matched <= unmatched:
-            continue
-        policy = {
-            "global_routing_policy": "threshold",
-            "global_routing_threshold": threshold,
-            "global_routing_scale": matched,
-            "global_routing_scale_unmatched": unmatched,
-        }
-        predictions = bench.threshold_policy("validation", validation_by_alpha, threshold, matched, unmatched)
-        candidates.append((policy, bench.score("validation", predictions)))
+    for descriptor, by_alpha in validation.items():
+        for alpha in ALPHAS:
+            policy = {
+                "global_routing_descriptor": descriptor,
+                "global_routing_policy": "fixed",
+                "global_routing_scale": alpha,
+            }
+            candidates.append((policy, bench.score("validation", by_alpha[alpha])))
+        for threshold, matched, unmatched in itertools.product(THRESHOLDS, ALPHAS, ALPHAS):
+            if matched <= unmatched:
+                continue
+            policy = {
+                "global_routing_descriptor": descriptor,
+                "global_routing_policy": "threshold",
+                "global_routing_threshold": threshold,
+                "global_routing_scale": matched,
+                "global_routing_scale_unmatched": unmatched,
+            }
+            predictions = bench.threshold_policy("validation", by_alpha, threshold, matched, unmatched, descriptor)
+            candidates.append((policy, bench.score("validation", predictions)))
     best = max(objective(summary) for _, summary in candidates)
     chosen = next(policy for policy, summary in candidates if objective(summary) >= best - TOLERANCE)
     table = [{"policy": p, "validation": {k: s[k] for k in ("held_in", "held_out")}} for p, s in candidates]
     return chosen, table
+
+
+def best_of(table: list[dict], descriptor: str) -> dict:
+    """The policy of `descriptor` chosen as `choose_policy` chooses, among that descriptor's candidates only."""
+    rows = [row for row in table if row["policy"]["global_routing_descriptor"] == descriptor]
+    best = max(objective(row["validation"]) for row in rows)
+    return next(row for row in rows if objective(row["validation"]) >= best - TOLERANCE)
 
 
 def run_benchmark(
@@ -191,32 +262,63 @@ def run_benchmark(
     top_k = model.config.router_top_k
     results = {"model": str(model_dir), "top_k": top_k, "methods": {}, "alpha_sweep": {}, "top_k_sweep": {}}
 
-    # The alpha policy, chosen on validation; the fixed-alpha sweep is reported on test too.
-    by_alpha = {}
-    for split in ("validation", "test"):
-        by_alpha[split] = {
-            alpha: bench.predictions(model, split, bench.global_logits("query", alpha), desc=f"alpha={alpha:g} {split}")
+    # The descriptor and alpha policy, chosen on validation; the chosen descriptor's fixed-alpha sweep is reported on
+    # test too. alpha 0 is local routing alone, whatever the descriptor: run once.
+    validation = {}
+    for descriptor in bench.descriptors:
+        validation[descriptor] = {
+            alpha: validation[bench.descriptors[0]][0.0] if alpha == 0 and validation else bench.predictions(
+                model, "validation", bench.global_logits("query", alpha, descriptor), desc=f"{descriptor} alpha={alpha:g}"
+            )
             for alpha in ALPHAS
-        }
-        results["alpha_sweep"][split] = {str(a): bench.score(split, p) for a, p in by_alpha[split].items()}
-    policy, candidates = choose_policy(bench, by_alpha["validation"])
+        }  # fmt: skip
+    policy, candidates = choose_policy(bench, validation)
+    descriptor, alpha = policy["global_routing_descriptor"], policy["global_routing_scale"]
     results["policy"] = {"chosen": policy, "name": policy_name(policy), "candidates": candidates}
-    alpha = policy["global_routing_scale"]
+    test_by_alpha = {
+        a: bench.predictions(model, "test", bench.global_logits("query", a, descriptor), desc=f"alpha={a:g} test")
+        for a in ALPHAS
+    }
+    results["alpha_sweep"] = {
+        "descriptor": descriptor,
+        "validation": {str(a): bench.score("validation", p) for a, p in validation[descriptor].items()},
+        "test": {str(a): bench.score("test", p) for a, p in test_by_alpha.items()},
+    }
 
-    methods = results["methods"]
+    methods, unseen_templates = results["methods"], {}
     base = library.base_model(model)
     methods["base"] = bench.run(base, "test", desc="base")
     methods["merged"] = bench.run(library.merged_model(model), "test", desc="merged")
-    methods["phatgoose"] = bench.score("test", by_alpha["test"][0.0])  # alpha 0 (in ALPHAS): local routing only
+    methods["phatgoose"] = bench.score("test", test_by_alpha[0.0])  # alpha 0 (in ALPHAS): local routing only
     glider = bench.glider_with(**policy)
-    methods["glider"] = bench.run(glider, "test", bench.instruction_embeddings, desc="glider")
+    answers = bench.predictions(glider, "test", bench.instruction_embeddings, desc="glider")
+    methods["glider"] = bench.score("test", answers)
+    unseen_templates["glider"] = bench.score_unseen_templates("test", answers)
     if policy["global_routing_policy"] == "threshold":
-        args = (policy["global_routing_threshold"], alpha, policy["global_routing_scale_unmatched"])
-        assembled = bench.score("test", bench.threshold_policy("test", by_alpha["test"], *args))
+        args = (policy["global_routing_threshold"], alpha, policy["global_routing_scale_unmatched"], descriptor)
+        assembled = bench.score("test", bench.threshold_policy("test", test_by_alpha, *args))
     else:
         assembled = results["alpha_sweep"]["test"][str(alpha)]
     results["glider_check"] = {"through_the_model": methods["glider"]["tasks"], "assembled": assembled["tasks"]}
-    methods["glider_instruction"] = bench.run(model, "test", bench.global_logits("instruction", alpha), desc="instr")
+
+    # Each descriptor at its own best policy on validation, run on test through the model.
+    results["descriptors"] = {}
+    for name in bench.descriptors:
+        row = best_of(candidates, name)
+        if name == descriptor:
+            scored = methods["glider"]
+        else:
+            own = bench.predictions(bench.glider_with(**row["policy"]), "test", bench.instruction_embeddings, desc=name)
+            scored = bench.score("test", own)
+            unseen_templates[f"glider, descriptor {name}"] = bench.score_unseen_templates("test", own)
+        results["descriptors"][name] = {
+            "policy": policy_name(row["policy"]), "validation": row["validation"], "test": scored,
+            "global_top1": bench.global_top1("test", name), "unseen_detection": bench.unseen_detection("test", name),
+        }  # fmt: skip
+    methods["glider_instruction_descriptor"] = results["descriptors"]["instruction"]["test"]
+    methods["glider_instruction"] = bench.run(
+        model, "test", bench.global_logits("instruction", alpha, descriptor), desc="instr"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         dirs = library.export_experts(model, scratch)
         arrow = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=top_k, local_router="arrow").eval()
@@ -226,8 +328,10 @@ def run_benchmark(
         oracle = {}
         for name, directory in zip(model.config.expert_names, dirs):
             expert = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
-            oracle.update(bench.run(expert, "test", tasks=[name], desc=f"oracle {name}")["tasks"])
-        methods["oracle"] = summarise(oracle)
+            oracle.update(bench.predictions(expert, "test", tasks=[name], desc=f"oracle {name}"))
+        methods["oracle"] = bench.score("test", oracle)
+        unseen_templates["oracle"] = bench.score_unseen_templates("test", oracle)
+    results["unseen_templates"] = unseen_templates
 
     for k in TOP_KS:
         if k == top_k:
@@ -237,7 +341,7 @@ def run_benchmark(
                 "glider": bench.run(bench.glider_with(router_top_k=k, **policy), "test", bench.instruction_embeddings),
                 "phatgoose": bench.run(bench.glider_with(router_top_k=k), "test", desc=f"phatgoose k={k}"),
             }
-    results["global_top1"] = bench.global_top1("test")
+    results["global_top1"] = bench.global_top1("test", descriptor)
     results["goals"] = goals(methods)
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}
@@ -307,7 +411,30 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} ({kind}) | " + " | ".join(_fmt(methods[k]["tasks"].get(name)) for k in METHODS) + " |")
     lines += [
         "",
-        "Fixed alpha (GLIDER, query mode):",
+        "Global router descriptors (GLIDER, query mode; each at its best policy on validation; top-1: share of test",
+        "prompts whose best-scoring expert is the task's own, or one whose skill a held-out task needs; AUC: how well",
+        "a query's best score tells held-in from held-out prompts):",
+        "",
+        "| Descriptor | Policy | val held-in | val held-out | test held-in | test held-out | top-1 held-in | "
+        "top-1 held-out | AUC |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in results["descriptors"].items():
+        top1 = {
+            part: [row["global_top1"][t]["query"] for t in tasks]
+            for part, tasks in (("in", suite.HELD_IN), ("out", suite.HELD_OUT))
+        }
+        v, t = row["validation"], row["test"]
+        lines.append(
+            f"| {name} | {row['policy']} | {_fmt(v['held_in'])} | {_fmt(v['held_out'])} | {_fmt(t['held_in'])} | "
+            f"{_fmt(t['held_out'])} | {_fmt(sum(top1['in']) / len(top1['in']))} | "
+            f"{_fmt(sum(top1['out']) / len(top1['out']))} | {row['unseen_detection']['auc']:.2f} |"
+        )
+    lines += ["", "Held-in average on the templates never used for training nor for the embedded samples (test):", ""]
+    lines += [f"- {name}: {_fmt(value)}" for name, value in results["unseen_templates"].items()]
+    lines += [
+        "",
+        f"Fixed alpha (GLIDER, query mode, descriptor {results['alpha_sweep']['descriptor']}):",
         "",
         "| alpha | val held-in | val held-out | test held-in | test held-out |",
     ]
