@@ -26,6 +26,7 @@ from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, pipeli
 
 from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration, cli
+from modeling_glider.experts import load_expert
 from modeling_glider.hub import push_folder, render_model_card
 from modeling_glider.packaging import code_files
 from tests.conftest import EMBED_DIM, make_base, make_expert
@@ -195,7 +196,9 @@ def test_model_card_parses_and_lists_experts_routing_and_results(hub, library, p
     for row, directory in zip(rows, dirs):
         meta = json.loads((directory / "glider_expert.json").read_text())
         adapter = json.loads((directory / "adapter_config.json").read_text())
-        assert row[1:] == [meta["name"], str(adapter["r"]), meta["instruction"], str(directory)]
+        samples = load_expert(directory).sample_embeddings
+        samples = 0 if samples is None else len(samples)
+        assert row[1:] == [meta["name"], str(adapter["r"]), meta["instruction"], str(samples), str(directory)]
 
     routing = dict(markdown_table(card.text, "Routing"))
     assert routing["Experts kept per token (`router_top_k`)"] == "2"

@@ -254,7 +254,12 @@ def best_of(table: list[dict], descriptor: str) -> dict:
 
 
 def run_benchmark(
-    model_dir: str | Path, out: str | Path, validation_size: int = 100, test_size: int = 300, seed: int = 0
+    model_dir: str | Path,
+    out: str | Path,
+    validation_size: int = 100,
+    test_size: int = 300,
+    seed: int = 0,
+    test_alpha_sweep: bool = False,
 ) -> dict:
     start = time.perf_counter()
     bench = Benchmark(model_dir, validation_size, test_size, seed)
@@ -275,9 +280,12 @@ def run_benchmark(
     policy, candidates = choose_policy(bench, validation)
     descriptor, alpha = policy["global_routing_descriptor"], policy["global_routing_scale"]
     results["policy"] = {"chosen": policy, "name": policy_name(policy), "candidates": candidates}
+    test_alphas = (
+        ALPHAS if test_alpha_sweep else sorted({0.0, alpha, policy.get("global_routing_scale_unmatched", 0.0)})
+    )
     test_by_alpha = {
         a: bench.predictions(model, "test", bench.global_logits("query", a, descriptor), desc=f"alpha={a:g} test")
-        for a in ALPHAS
+        for a in test_alphas
     }
     results["alpha_sweep"] = {
         "descriptor": descriptor,
@@ -335,12 +343,10 @@ def run_benchmark(
 
     for k in TOP_KS:
         if k == top_k:
-            results["top_k_sweep"][str(k)] = {"glider": methods["glider"], "phatgoose": methods["phatgoose"]}
+            results["top_k_sweep"][str(k)] = {"glider": methods["glider"]}
         elif k <= len(model.config.experts):
-            results["top_k_sweep"][str(k)] = {
-                "glider": bench.run(bench.glider_with(router_top_k=k, **policy), "test", bench.instruction_embeddings),
-                "phatgoose": bench.run(bench.glider_with(router_top_k=k), "test", desc=f"phatgoose k={k}"),
-            }
+            glider_k = bench.glider_with(router_top_k=k, **policy)
+            results["top_k_sweep"][str(k)] = {"glider": bench.run(glider_k, "test", bench.instruction_embeddings)}
     results["global_top1"] = bench.global_top1("test", descriptor)
     results["goals"] = goals(methods)
     results["seconds"] = round(time.perf_counter() - start, 1)
@@ -393,6 +399,7 @@ def markdown(results: dict) -> str:
     command = (
         f"python -m benchmarks.glider_mini.benchmark --model {results['model']} --validation-size "
         f"{sizes['validation']} --test-size {sizes['test']} --seed {sizes['seed']} --threads {machine['torch_threads']}"
+        + (" --test-alpha-sweep" if len(results["alpha_sweep"]["test"]) == len(ALPHAS) else "")
     )
     lines = [
         f"Made by `{command}` in {results['seconds'] / 60:.0f} min ({machine['platform']}).",
@@ -440,7 +447,8 @@ def markdown(results: dict) -> str:
     ]
     lines.append("|---:|---:|---:|---:|---:|")
     for alpha in ALPHAS:
-        v, t = results["alpha_sweep"]["validation"][str(alpha)], results["alpha_sweep"]["test"][str(alpha)]
+        v = results["alpha_sweep"]["validation"][str(alpha)]
+        t = results["alpha_sweep"]["test"].get(str(alpha), {"held_in": None, "held_out": None})  # `--test-alpha-sweep`
         lines.append(
             f"| {alpha:g} | {_fmt(v['held_in'])} | {_fmt(v['held_out'])} | {_fmt(t['held_in'])} | {_fmt(t['held_out'])} |"
         )
@@ -448,14 +456,11 @@ def markdown(results: dict) -> str:
         "",
         "top-k (test):",
         "",
-        "| k | GLIDER held-in | GLIDER held-out | Phatgoose held-in | Phatgoose held-out |",
+        "| k | GLIDER held-in | GLIDER held-out |",
     ]
-    lines.append("|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---:|---:|")
     for k, row in results["top_k_sweep"].items():
-        g, p = row["glider"], row["phatgoose"]
-        lines.append(
-            f"| {k} | {_fmt(g['held_in'])} | {_fmt(g['held_out'])} | {_fmt(p['held_in'])} | {_fmt(p['held_out'])} |"
-        )
+        lines.append(f"| {k} | {_fmt(row['glider']['held_in'])} | {_fmt(row['glider']['held_out'])} |")
     lines += ["", "Goals:", ""] + [f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in results["goals"].items()]
     return "\n".join(lines) + "\n"
 
@@ -477,19 +482,20 @@ def plot(results: dict, path: Path) -> None:
     bars.legend()
     alphas = [a for a in ALPHAS if a > 0]
     for split, style in (("validation", "--"), ("test", "-")):
+        shown = [a for a in alphas if str(a) in results["alpha_sweep"][split]]
         for part in ("held_in", "held_out"):
-            values = [results["alpha_sweep"][split][str(a)][part] for a in alphas]
-            sweep.plot(alphas, values, style, marker="o", label=f"{split} {part.replace('_', '-')}")
+            values = [results["alpha_sweep"][split][str(a)][part] for a in shown]
+            sweep.plot(shown, values, style, marker="o", label=f"{split} {part.replace('_', '-')}")
     sweep.set_xscale("log")
     sweep.set_xlabel("alpha (fixed)")
     sweep.set_title("GLIDER, query mode: alpha")
     sweep.legend(fontsize=7)
     ks = list(results["top_k_sweep"])
-    for offset, method in ((-0.2, "glider"), (0.2, "phatgoose")):
-        values = [results["top_k_sweep"][k][method]["held_in"] for k in ks]
-        topk.bar([int(k) + offset for k in ks], values, width=0.4, label=f"{method} held-in")
+    for offset, part in ((-0.2, "held_in"), (0.2, "held_out")):
+        values = [results["top_k_sweep"][k]["glider"][part] for k in ks]
+        topk.bar([int(k) + offset for k in ks], values, width=0.4, label=f"GLIDER {part.replace('_', '-')}")
     topk.set_xlabel("top-k")
-    topk.set_title("top-k (test, held-in)")
+    topk.set_title("top-k (test)")
     topk.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -504,10 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=300, help="Prompts per task for the reported scores.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument(
+        "--test-alpha-sweep", action="store_true", help="Also run every fixed alpha on test (the report's sweep)."
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_benchmark(args.model, args.out, args.validation_size, args.test_size, args.seed)
+    results = run_benchmark(
+        args.model, args.out, args.validation_size, args.test_size, args.seed, test_alpha_sweep=args.test_alpha_sweep
+    )
     print(markdown(results))
     return 0
 
