@@ -67,6 +67,11 @@ def clusters(seed: int = 0):
     return centres, around
 
 
+def instruction_of(e: int, centres: torch.Tensor) -> torch.Tensor:
+    """Expert e's instruction embedding: the next expert's centre if it has samples, else its own; never unit length."""
+    return (1.5 + 0.5 * e) * (centres[(e + 1) % 4] if COUNTS[e] else centres[e])
+
+
 @pytest.fixture(scope="module")
 def base():
     return make_base(seed=3)
@@ -80,8 +85,9 @@ def library(tmp_path_factory, base):
     centres, around = clusters()
     dirs, rows = [], []
     for e, (name, count) in enumerate(zip(NAMES, COUNTS)):
-        instruction = centres[(e + 1) % 4] if count else centres[e]
-        directory = make_expert(root, base, name, r=2, seed=e, embedding=instruction, instruction=f"Task {name}.")
+        directory = make_expert(
+            root, base, name, r=2, seed=e, embedding=instruction_of(e, centres), instruction=f"Task {name}."
+        )
         rows.append(around(e, count) if count else None)
         if count:
             add_samples(directory, rows[-1])
@@ -165,7 +171,7 @@ def test_threshold_policy_thresholds_the_fitted_score(base, library):
 
 def test_fit_matches_a_plain_restatement(model, library):
     _, rows, centres, _ = library
-    instructions = torch.stack([centres[(e + 1) % 4] if c else centres[e] for e, c in enumerate(COUNTS)])
+    instructions = torch.stack([instruction_of(e, centres) for e in range(len(NAMES))])
     expected = reference_fit(instructions, rows)
     got = model.global_router.expert_descriptors
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
@@ -194,7 +200,7 @@ def test_an_expert_without_samples_keeps_its_instruction(model, library):
     _, _, centres, _ = library
     router = model.global_router
     torch.testing.assert_close(router.expert_descriptors[4], unit(centres[4]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(router.expert_embeddings[4], centres[4], atol=1e-6, rtol=0)
+    torch.testing.assert_close(router.expert_embeddings[4], instruction_of(4, centres), atol=1e-6, rtol=0)
 
 
 # 2. Library changes and round trips
@@ -234,7 +240,8 @@ def test_adding_experts_one_by_one_fits_as_a_build(base, model, library):
     for directory in dirs[1:]:
         grown.add_expert(directory)
     assert grown.config.experts == model.config.experts
-    assert torch.equal(grown.global_router.expert_samples, model.global_router.expert_samples)
+    for name in ("expert_embeddings", "expert_samples"):  # copies of the files' rows
+        assert torch.equal(getattr(grown.global_router, name), getattr(model.global_router, name)), name
     torch.testing.assert_close(grown.global_router.expert_descriptors, model.global_router.expert_descriptors,
                                atol=1e-4, rtol=0)  # fmt: skip
 
@@ -247,7 +254,8 @@ def test_remove_then_add_back_refits(base, model, library, removed):
     others = [d for i, d in enumerate(dirs) if i != removed]
     without = build(base, others)
     assert changed.config.experts == without.config.experts
-    assert torch.equal(changed.global_router.expert_samples, without.global_router.expert_samples)
+    for name in ("expert_embeddings", "expert_samples"):
+        assert torch.equal(getattr(changed.global_router, name), getattr(without.global_router, name)), name
     torch.testing.assert_close(changed.global_router.expert_descriptors, without.global_router.expert_descriptors,
                                atol=1e-4, rtol=0)  # fmt: skip
     if removed != 4:  # without b, the others' descriptors move: the fit is over the library
@@ -257,7 +265,10 @@ def test_remove_then_add_back_refits(base, model, library, removed):
     changed.add_expert(dirs[removed])
     order = [*others, dirs[removed]]
     assert changed.config.expert_names == [d.name for d in order]
-    torch.testing.assert_close(changed.global_router.expert_descriptors, build(base, order).global_router.expert_descriptors,
+    rebuilt = build(base, order)
+    for name in ("expert_embeddings", "expert_samples"):
+        assert torch.equal(getattr(changed.global_router, name), getattr(rebuilt.global_router, name)), name
+    torch.testing.assert_close(changed.global_router.expert_descriptors, rebuilt.global_router.expert_descriptors,
                                atol=1e-4, rtol=0)  # fmt: skip
     by_name = dict(zip(changed.config.expert_names, changed.global_router.expert_descriptors))
     for name, descriptor in zip(NAMES, model.global_router.expert_descriptors):
@@ -284,6 +295,22 @@ def test_export_then_build_gives_the_same_samples(base, model, tmp_path):
     assert torch.equal(rebuilt.global_router.expert_samples, model.global_router.expert_samples)
     torch.testing.assert_close(rebuilt.global_router.expert_descriptors, model.global_router.expert_descriptors,
                                atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_cli_build_with_the_samples_descriptor(base, model, library, tmp_path, capsys):
+    dirs, _, _, around = library
+    base.save_pretrained(tmp_path / "base")
+    argv = ["build", "--base", str(tmp_path / "base"), "--experts", *map(str, dirs), "--out", str(tmp_path / "glider"),
+            "--global-routing-scale", "50", "--global-routing-descriptor", "samples"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    built = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "glider")
+    assert built.config.global_routing_descriptor == "samples"
+    assert [e["samples"] for e in built.config.experts] == COUNTS
+    assert torch.equal(built.global_router.expert_samples, model.global_router.expert_samples)
+    u, _ = queries(around, 2)
+    want = model.global_routing_logits(u)
+    torch.testing.assert_close(built.global_routing_logits(u), want, atol=1e-4 * want.abs().max(), rtol=0)
 
 
 # 3. Writers

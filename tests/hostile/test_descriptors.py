@@ -9,10 +9,10 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 
 from modeling_glider import GliderT5ForConditionalGeneration
-from modeling_glider.cli import main
 from modeling_glider.describe import describe_experts
 from modeling_glider.training import train_expert
 from tests.conftest import EMBED_DIM, make_base, make_expert
+from tests.hostile.test_cli import run_failing
 from tests.hostile.test_expert_inputs import tree_hashes
 from tests.test_descriptors import LetterEmbedder, add_samples
 
@@ -239,6 +239,17 @@ def test_removing_the_last_expert_with_samples_from_a_samples_model_is_refused(b
         assert config.experts == saved_experts
 
 
+def test_cli_build_refuses_the_samples_descriptor_for_a_library_without_samples(tmp_path, base, experts, capsys):
+    base.save_pretrained(tmp_path / "base")
+    capsys.readouterr()
+    before = tree_hashes(tmp_path)
+    argv = ["build", "--base", str(tmp_path / "base"), "--experts", str(experts[1]), "--out", str(tmp_path / "glider"),
+            "--top-k", "1", "--global-routing-descriptor", "samples"]  # fmt: skip
+    code, line = run_failing(argv, capsys)
+    assert code != 0 and "global_routing_descriptor" in line, line
+    assert tree_hashes(tmp_path) == before and not (tmp_path / "glider").exists()
+
+
 # describe-experts
 
 
@@ -280,9 +291,8 @@ def test_describe_refusals_write_nothing(described, kwargs, message):
 def test_cli_describe_samples_errors_are_one_line(described, capsys, argv, culprit):
     root, dirs = described
     before = tree_hashes(root)
-    assert main(["describe-experts", *map(str, dirs), *argv]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("glider describe-experts: error: ") and culprit in err[0], err
+    code, line = run_failing(["describe-experts", *map(str, dirs), *argv], capsys)
+    assert code != 0 and culprit in line, line
     assert tree_hashes(root) == before
 
 
