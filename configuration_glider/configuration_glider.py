@@ -267,7 +267,7 @@ class GliderConfig(T5Config):
         if self.global_routing_descriptor != "instruction" and self.experts and not self.max_samples:
             raise ValueError(
                 f"global_routing_descriptor={self.global_routing_descriptor!r} needs experts with embedded samples, "
-                "and no expert of this library has any (`glider describe-experts --samples N`)."
+                "and no expert of this library has any (experts[*].samples; `glider describe-experts --samples N`)."
             )
         if self.global_routing_descriptor != "instruction" and self.routing_compatibility == "reference":
             raise ValueError(

@@ -92,6 +92,16 @@ def describe_experts(
     unknown = sorted((set(instructions) | set(data)) - set(metas))
     if unknown:
         raise ValueError(f"Instructions or data given for unknown experts {unknown}; the experts are {sorted(metas)}.")
+    for name, rows in data.items():
+        if isinstance(rows, (str, dict)) or not rows:
+            raise ValueError(f"Expert {name!r}: its data holds no inputs, got {rows!r}.")
+        for row in rows:
+            text = row if isinstance(row, str) else row.get("input") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(
+                    f"Expert {name!r}: each sample of its data must be a text or a dict with an 'input' text, got "
+                    f"{row!r}."
+                )
 
     chosen = {name: instructions.get(name) for name in metas}
     to_write = [name for name in metas if chosen[name] is None and name in data and generator is not None]
@@ -126,6 +136,12 @@ def describe_experts(
                 )
             sample_embeddings[name] = experts[name].sample_embeddings
     embeddings = embedder.embed([chosen[name] for name in metas])
+    for name, rows in sample_embeddings.items():
+        if rows.shape[-1] != embeddings.shape[-1]:  # kept ones: the same model id, another width (truncation)
+            raise ValueError(
+                f"Expert {name!r} ({metas[name][0]}): its sample_embeddings are {rows.shape[-1]} wide, but "
+                f"{embedder.model_id!r} embeds {embeddings.shape[-1]} wide; give its data to embed them anew."
+            )
     staged = []
     try:
         for (name, (directory, meta)), embedding in zip(metas.items(), embeddings):

@@ -536,6 +536,8 @@ def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None]:
     """The width and embedding model of the experts' instruction embeddings: all experts have one, or none has."""
     with_embedding = [e.name for e in experts if e.instruction_embedding is not None]
     if not with_embedding:
+        for expert in experts:
+            _check_samples(expert, None)  # samples without a global router would be dropped silently
         return None, None
     if len(with_embedding) != len(experts):
         missing = [e.name for e in experts if e.instruction_embedding is None]
@@ -778,7 +780,9 @@ def add_expert(model, directory: str | os.PathLike) -> None:
         has = "has" if expert.instruction_embedding is not None else "has no"
         library = "has none" if model.global_router is None else "has one for every expert"
         raise ValueError(f"{who} {has} instruction_embedding, but the library {library}: give all experts one or none.")
-    if expert.instruction_embedding is not None:
+    if expert.instruction_embedding is None:
+        _check_samples(expert, None)  # samples without a global router would be dropped silently
+    else:
         if expert.instruction_embedding.numel() != config.instruction_embedding_dim:
             raise ValueError(
                 f"{who}: instruction_embedding has {expert.instruction_embedding.numel()} values, the library's "

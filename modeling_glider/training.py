@@ -393,6 +393,7 @@ def train_expert(
             not isinstance(sample_embeddings, torch.Tensor)
             or not sample_embeddings.is_floating_point()
             or sample_embeddings.dim() != 2
+            or not len(sample_embeddings)
             or sample_embeddings.shape[1] != width
             or not torch.isfinite(sample_embeddings).all()
             or not sample_embeddings.any(dim=-1).all()
