@@ -46,6 +46,7 @@ ALPHAS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 TOLERANCE = 0.5  # points of the validation objective within which the simpler policy is preferred
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
 TOP_KS = (1, 2, 3)
+BASELINES = ("base", "merged", "arrow")  # what does not depend on the global router (see `--baselines-from`)
 METHODS = {
     "base": "Base model (no expert)",
     "merged": "Merged experts (uniform average)",
@@ -259,8 +260,13 @@ def run_benchmark(
     validation_size: int = 100,
     test_size: int = 300,
     seed: int = 0,
-    test_alpha_sweep: bool = False,
+    full: bool = False,
+    baselines_from: str | Path | None = None,
 ) -> dict:
+    """`full`: also every fixed alpha on test, the chosen policy's answers assembled from them against those through the
+    model (`glider_check`), and the top-k sweep. `baselines_from`: a results.json of the same model weights, prompts
+    and seed whose base, merged and Arrow scores are taken instead of run again (they do not depend on the global
+    router; recorded in the results)."""
     start = time.perf_counter()
     bench = Benchmark(model_dir, validation_size, test_size, seed)
     model = bench.model
@@ -280,9 +286,7 @@ def run_benchmark(
     policy, candidates = choose_policy(bench, validation)
     descriptor, alpha = policy["global_routing_descriptor"], policy["global_routing_scale"]
     results["policy"] = {"chosen": policy, "name": policy_name(policy), "candidates": candidates}
-    test_alphas = (
-        ALPHAS if test_alpha_sweep else sorted({0.0, alpha, policy.get("global_routing_scale_unmatched", 0.0)})
-    )
+    test_alphas = ALPHAS if full else (0.0,)
     test_by_alpha = {
         a: bench.predictions(model, "test", bench.global_logits("query", a, descriptor), desc=f"alpha={a:g} test")
         for a in test_alphas
@@ -295,19 +299,27 @@ def run_benchmark(
 
     methods, unseen_templates = results["methods"], {}
     base = library.base_model(model)
-    methods["base"] = bench.run(base, "test", desc="base")
-    methods["merged"] = bench.run(library.merged_model(model), "test", desc="merged")
+    if baselines_from is not None:
+        earlier = json.loads(Path(baselines_from).read_text())
+        if earlier["sizes"] != {"validation": validation_size, "test": test_size, "seed": seed}:
+            raise ValueError(f"{baselines_from} was made with other sizes or seed: {earlier['sizes']}.")
+        methods.update({name: earlier["methods"][name] for name in BASELINES})
+        results["baselines_from"] = {"path": str(baselines_from), "methods": list(BASELINES)}
+    else:
+        methods["base"] = bench.run(base, "test", desc="base")
+        methods["merged"] = bench.run(library.merged_model(model), "test", desc="merged")
     methods["phatgoose"] = bench.score("test", test_by_alpha[0.0])  # alpha 0 (in ALPHAS): local routing only
     glider = bench.glider_with(**policy)
     answers = bench.predictions(glider, "test", bench.instruction_embeddings, desc="glider")
     methods["glider"] = bench.score("test", answers)
     unseen_templates["glider"] = bench.score_unseen_templates("test", answers)
-    if policy["global_routing_policy"] == "threshold":
+    if full and policy["global_routing_policy"] == "threshold":
         args = (policy["global_routing_threshold"], alpha, policy["global_routing_scale_unmatched"], descriptor)
         assembled = bench.score("test", bench.threshold_policy("test", test_by_alpha, *args))
-    else:
+        results["glider_check"] = {"through_the_model": methods["glider"]["tasks"], "assembled": assembled["tasks"]}
+    elif full:
         assembled = results["alpha_sweep"]["test"][str(alpha)]
-    results["glider_check"] = {"through_the_model": methods["glider"]["tasks"], "assembled": assembled["tasks"]}
+        results["glider_check"] = {"through_the_model": methods["glider"]["tasks"], "assembled": assembled["tasks"]}
 
     # Each descriptor at its own best policy on validation, run on test through the model.
     results["descriptors"] = {}
@@ -329,8 +341,9 @@ def run_benchmark(
     )
     with tempfile.TemporaryDirectory() as scratch:
         dirs = library.export_experts(model, scratch)
-        arrow = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=top_k, local_router="arrow").eval()
-        methods["arrow"] = bench.run(arrow, "test", desc="arrow")
+        if baselines_from is None:
+            arrow = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=top_k, local_router="arrow")
+            methods["arrow"] = bench.run(arrow.eval(), "test", desc="arrow")
         from peft import PeftModel
 
         oracle = {}
@@ -341,7 +354,7 @@ def run_benchmark(
         unseen_templates["oracle"] = bench.score_unseen_templates("test", oracle)
     results["unseen_templates"] = unseen_templates
 
-    for k in TOP_KS:
+    for k in TOP_KS if full else ():
         if k == top_k:
             results["top_k_sweep"][str(k)] = {"glider": methods["glider"]}
         elif k <= len(model.config.experts):
@@ -399,7 +412,8 @@ def markdown(results: dict) -> str:
     command = (
         f"python -m benchmarks.glider_mini.benchmark --model {results['model']} --validation-size "
         f"{sizes['validation']} --test-size {sizes['test']} --seed {sizes['seed']} --threads {machine['torch_threads']}"
-        + (" --test-alpha-sweep" if len(results["alpha_sweep"]["test"]) == len(ALPHAS) else "")
+        + (" --full" if "glider_check" in results else "")
+        + (f" --baselines-from {results['baselines_from']['path']}" if "baselines_from" in results else "")
     )
     lines = [
         f"Made by `{command}` in {results['seconds'] / 60:.0f} min ({machine['platform']}).",
@@ -448,19 +462,20 @@ def markdown(results: dict) -> str:
     lines.append("|---:|---:|---:|---:|---:|")
     for alpha in ALPHAS:
         v = results["alpha_sweep"]["validation"][str(alpha)]
-        t = results["alpha_sweep"]["test"].get(str(alpha), {"held_in": None, "held_out": None})  # `--test-alpha-sweep`
+        t = results["alpha_sweep"]["test"].get(str(alpha), {"held_in": None, "held_out": None})  # `--full`
         lines.append(
             f"| {alpha:g} | {_fmt(v['held_in'])} | {_fmt(v['held_out'])} | {_fmt(t['held_in'])} | {_fmt(t['held_out'])} |"
         )
-    lines += [
-        "",
-        "top-k (test):",
-        "",
-        "| k | GLIDER held-in | GLIDER held-out |",
-    ]
-    lines.append("|---:|---:|---:|")
-    for k, row in results["top_k_sweep"].items():
-        lines.append(f"| {k} | {_fmt(row['glider']['held_in'])} | {_fmt(row['glider']['held_out'])} |")
+    if results["top_k_sweep"]:
+        lines += [
+            "",
+            "top-k (test):",
+            "",
+            "| k | GLIDER held-in | GLIDER held-out |",
+        ]
+        lines.append("|---:|---:|---:|")
+        for k, row in results["top_k_sweep"].items():
+            lines.append(f"| {k} | {_fmt(row['glider']['held_in'])} | {_fmt(row['glider']['held_out'])} |")
     lines += ["", "Goals:", ""] + [f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in results["goals"].items()]
     return "\n".join(lines) + "\n"
 
@@ -511,13 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument(
-        "--test-alpha-sweep", action="store_true", help="Also run every fixed alpha on test (the report's sweep)."
+        "--full", action="store_true", help="Also every fixed alpha on test, the assembled-answers check and top-k 1-3."
+    )
+    parser.add_argument(
+        "--baselines-from", help="results.json of the same weights, prompts and seed: take base/merged/Arrow from it."
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run_benchmark(
-        args.model, args.out, args.validation_size, args.test_size, args.seed, test_alpha_sweep=args.test_alpha_sweep
+        args.model, args.out, args.validation_size, args.test_size, args.seed, args.full, args.baselines_from
     )
     print(markdown(results))
     return 0
