@@ -10,6 +10,7 @@ largest logit.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,3 +374,29 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_readme_snippet_for_a_library_larger_than_one_device_runs(glider_library, tmp_path, monkeypatch):
+    """The README's device-map snippet, run as written on a tiny model, with only `max_memory` set to this machine:
+    half the model's bytes in CPU memory, the rest offloaded to disk."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Serving a library larger than one device", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    documented = 'max_memory={0: "60GiB", "cpu": "100GiB"}'
+    assert documented in snippet and 'device_map="auto"' in snippet and "offload_folder=" in snippet
+    base, dirs = glider_library
+    GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2).save_pretrained(tmp_path / "glider-t5")
+    plain = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "glider-t5")
+    size = sum(p.numel() * p.element_size() for p in plain.parameters())
+    monkeypatch.chdir(tmp_path)
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(15))
+    u = torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(16))
+    namespace = {"ids": ids, "u": u}
+    exec(snippet.replace(documented, f'max_memory={{"cpu": {size // 2}}}'), namespace)
+    model = namespace["model"]
+    assert {"cpu", "disk"} <= set(model.hf_device_map.values()) and not blocks_split(model.hf_device_map)
+    reference = plain.generate(input_ids=ids, instruction_embeddings=u, max_new_tokens=8, output_scores=True,
+                               return_dict_in_generate=True)  # fmt: skip
+    assert_decisive(reference)
+    assert torch.equal(namespace["answers"], reference.sequences)
+    assert_same_answers(model, plain, ids, u)
