@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import datasets
@@ -205,6 +205,9 @@ def _fit(model: nn.Module, dataset, tokenizer, *, steps: int, learning_rate: flo
             "remove_unused_columns": False,
             "dataloader_pin_memory": torch.cuda.is_available(),
             "ddp_find_unused_parameters": False,  # every trainable tensor is used at every step
+            # T5's loss is a mean over its own tokens, blind to `num_items_in_batch`: scaled by the process count for
+            # that, it would make the gradients of an N-process run N times too large (clipped at 1/N of the norm)
+            "average_tokens_across_devices": False,
             **(trainer_args or {}),
         }
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
@@ -423,7 +426,7 @@ def train_expert(
     fit_kwargs = {"batch_size": batch_size, "seed": seed, "bf16": bf16, "trainer_args": trainer_args}
 
     # The main process writes the expert into a folder beside `output_dir`, renamed to it once complete.
-    with staged_folder(output_dir) if PartialState().is_main_process else nullcontext() as staging:
+    with ExitStack() as stack:
         with _left_as_it_was(base):
             peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                          target_modules=targets))  # fmt: skip
@@ -436,6 +439,9 @@ def train_expert(
                     for path, layer in peft_model.base_model.model.named_modules()
                     if isinstance(layer, LoraLayer)
                 }  # fmt: skip
+                # Asked only now that the Trainer has set up accelerate's state: made earlier with the defaults, it
+                # misses a torchrun launch on CPUs, and every process would write the expert.
+                staging = stack.enter_context(staged_folder(output_dir)) if PartialState().is_main_process else None
                 if staging is not None:
                     peft_model.save_pretrained(staging)
             finally:

@@ -10,6 +10,7 @@ largest logit.
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.fast_lora import AUTO_GATHER_MAX_TOKENS, gathered_mixture_of_lora
 from modeling_glider.routing import GliderLinear
 from tests.conftest import EMBED_DIM, assert_decisive, make_base, make_expert
+from tests.hostile.test_expert_inputs import tree_hashes
 from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: F401 (a fixture)
 
 D_IN, D_OUT = 32, 48
@@ -277,7 +279,29 @@ def test_half_precision_models_match_fp32(tmp_path, dtype, tolerance):
                 assert set(experts.unique().tolist()) <= {0, 1} and weights.min(dim=-1).values.mean() > 0.1
 
 
+def blocks_split(device_map: dict) -> list[str]:
+    """Entries of a device map below a T5 block (`encoder.block.0.layer.1...`): parts of a block put apart."""
+    return [name for name in device_map if ".block." in name and name.split(".block.")[1].count(".")]
+
+
+def assert_same_answers(model, plain, ids, u):
+    """Logits within fp32 rounding of the plain model's (the same weights, computed where accelerate put them), and
+    the same greedy and beam-search answers, each choice far from a tie."""
+    with torch.no_grad():
+        expected = plain(input_ids=ids, decoder_input_ids=ids[:, :5], instruction_embeddings=u).logits
+        got = model(input_ids=ids, decoder_input_ids=ids[:, :5], instruction_embeddings=u).logits
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    for num_beams in (1, 2):
+        kwargs = {"max_new_tokens": 4, "num_beams": num_beams, "instruction_embeddings": u}
+        reference = plain.generate(input_ids=ids, output_scores=True, return_dict_in_generate=True, **kwargs)
+        assert_decisive(reference, num_beams=num_beams)
+        assert torch.equal(model.generate(input_ids=ids, **kwargs), reference.sequences)
+
+
 def test_device_map_keeps_blocks_whole_and_outputs_equal(glider_library, tmp_path):
+    from accelerate import infer_auto_device_map
+
     base, dirs = glider_library
     GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2).save_pretrained(tmp_path / "saved")
     plain = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "saved")
@@ -285,23 +309,43 @@ def test_device_map_keeps_blocks_whole_and_outputs_equal(glider_library, tmp_pat
     offloaded = GliderT5ForConditionalGeneration.from_pretrained(  # about half on "cpu", the rest offloaded to disk
         tmp_path / "saved", device_map="auto", max_memory={"cpu": size // 2}, offload_folder=str(tmp_path / "offload")
     )
-    manual = GliderT5ForConditionalGeneration.from_pretrained(
-        tmp_path / "saved",
-        device_map={"shared": "cpu", "encoder": "cpu", "decoder.block.0": "cpu", "decoder": "cpu", "lm_head": "cpu"}
-        | {"global_router": "cpu"},
-    )
     device_map = offloaded.hf_device_map
     assert {"cpu", "disk"} <= set(device_map.values())
-    assert not [name for name in device_map if ".block." in name and name.split(".block.")[1].count(".")]
+    assert not blocks_split(device_map)
+    # without `_no_split_modules` the same memory would cut blocks apart: the check above can fail
+    assert blocks_split(infer_auto_device_map(plain, max_memory={"cpu": size // 2, "disk": size}))
     ids = torch.randint(2, 64, (2, AUTO_GATHER_MAX_TOKENS + 4), generator=torch.Generator().manual_seed(15))
     u = torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(16))
-    with torch.no_grad():
-        expected = plain(input_ids=ids, decoder_input_ids=ids[:, :5], instruction_embeddings=u).logits
-        for model in (offloaded, manual):
-            got = model(input_ids=ids, decoder_input_ids=ids[:, :5], instruction_embeddings=u).logits
-            assert torch.equal(got, expected)
-        generate = {"max_new_tokens": 4, "num_beams": 2, "instruction_embeddings": u}
-        assert torch.equal(offloaded.generate(input_ids=ids, **generate), plain.generate(input_ids=ids, **generate))
+    assert_same_answers(offloaded, plain, ids, u)
+
+
+def test_explicit_device_map_puts_encoder_and_decoder_blocks_on_cpu_and_disk(glider_library, tmp_path):
+    base, dirs = glider_library
+    GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2).save_pretrained(tmp_path / "saved")
+    plain = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    # the tied embeddings and lm_head stay together (accelerate cannot offload one of tied weights alone, as for T5)
+    device_map = {"shared": "cpu", "encoder.embed_tokens": "cpu", "decoder.embed_tokens": "cpu", "lm_head": "cpu"}
+    device_map |= {"encoder.block.0": "cpu", "encoder.block.1": "disk", "encoder.final_layer_norm": "disk"}
+    device_map |= {"decoder.block.0": "disk", "decoder.block.1": "cpu", "decoder.final_layer_norm": "cpu"}
+    device_map |= {"global_router": "disk"}  # it holds a buffer only: buffers stay in memory (offload_buffers=False)
+    before = tree_hashes(tmp_path / "saved")
+    model = GliderT5ForConditionalGeneration.from_pretrained(
+        tmp_path / "saved", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    assert model.hf_device_map == device_map
+    on_disk = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    for prefix in ("encoder.block.1.", "decoder.block.0."):  # whole blocks, experts included, are offloaded
+        assert (
+            f"{prefix}layer.0.SelfAttention.q.lora_A" in on_disk
+            and f"{prefix}layer.0.SelfAttention.q.weight" in on_disk
+        )
+    assert not [name for name in on_disk if name.startswith(("encoder.block.0.", "decoder.block.1.", "shared"))]
+    assert not any((tmp_path / "offload").iterdir())  # offloaded weights are read from the saved safetensors files
+    assert model.global_router.expert_embeddings.device.type == "cpu"
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(15))
+    u = torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(16))
+    assert_same_answers(model, plain, ids, u)
+    assert tree_hashes(tmp_path / "saved") == before
 
 
 def test_saved_folder_runs_every_implementation_without_the_package(glider_library, tmp_path):
@@ -330,3 +374,29 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_readme_snippet_for_a_library_larger_than_one_device_runs(glider_library, tmp_path, monkeypatch):
+    """The README's device-map snippet, run as written on a tiny model, with only `max_memory` set to this machine:
+    half the model's bytes in CPU memory, the rest offloaded to disk."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Serving a library larger than one device", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    documented = 'max_memory={0: "60GiB", "cpu": "100GiB"}'
+    assert documented in snippet and 'device_map="auto"' in snippet and "offload_folder=" in snippet
+    base, dirs = glider_library
+    GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2).save_pretrained(tmp_path / "glider-t5")
+    plain = GliderT5ForConditionalGeneration.from_pretrained(tmp_path / "glider-t5")
+    size = sum(p.numel() * p.element_size() for p in plain.parameters())
+    monkeypatch.chdir(tmp_path)
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(15))
+    u = torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(16))
+    namespace = {"ids": ids, "u": u}
+    exec(snippet.replace(documented, f'max_memory={{"cpu": {size // 2}}}'), namespace)
+    model = namespace["model"]
+    assert {"cpu", "disk"} <= set(model.hf_device_map.values()) and not blocks_split(model.hf_device_map)
+    reference = plain.generate(input_ids=ids, instruction_embeddings=u, max_new_tokens=8, output_scores=True,
+                               return_dict_in_generate=True)  # fmt: skip
+    assert_decisive(reference)
+    assert torch.equal(namespace["answers"], reference.sequences)
+    assert_same_answers(model, plain, ids, u)

@@ -2,11 +2,15 @@
 saves. References are the expert files themselves, read here with safetensors, and the base's own tensors."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import T5Config, T5ForConditionalGeneration
 
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider import experts as experts_module
@@ -216,3 +220,45 @@ def test_an_adapter_changed_between_the_check_and_the_read_is_refused_naming_it(
     monkeypatch.setattr(experts_module, "read_expert_header", header_then_shrink)
     with pytest.raises(ValueError, match=r"Expert 'b'.*lora_A.*adapter_model\.safetensors.*changed while"):
         GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2, local_router="arrow")
+
+
+def test_bench_scale_quick_reports_the_library_it_built(tmp_path):
+    """`benchmarks/bench_scale.py --quick` builds, loads and serves its libraries in fresh processes; its byte counts
+    match a plain Transformers T5 of the same dimensions and the LoRA sizes counted here from the dimensions, and every
+    task's expert serves its queries."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_scale_quick.json").read_text())
+    table = (tmp_path / "bench_scale_quick.md").read_text()
+    assert report["command"] in table and report["machine"]["cpu"] in table
+    rows = 0
+    for entry in report["setups"]:
+        s = entry["setup"]
+        d, f, layers, r = s["d_model"], s["d_ff"], s["num_layers"], s["rank"]
+        config = T5Config(
+            vocab_size=s["vocab_size"], d_model=d, d_kv=d // s["num_heads"], d_ff=f, num_layers=layers,
+            num_heads=s["num_heads"], feed_forward_proj="relu",
+        )  # fmt: skip
+        base_parameters = sum(p.numel() for p in T5ForConditionalGeneration(config).parameters())
+        # every linear: 4 attention linears per encoder block, 8 per decoder block (self and cross), wi and wo each
+        linears = [(d, d)] * (12 * layers) + [(d, f), (f, d)] * (2 * layers)
+        lora_and_gates = sum(r * (d_in + d_out) + d_in for d_in, d_out in linears)
+        assert [(row["experts"], row["dtype"]) for row in entry["results"]] == [tuple(run) for run in s["runs"]]
+        for row in entry["results"]:
+            size = getattr(torch, row["dtype"]).itemsize
+            serve, experts = row["serve"], row["experts"]
+            assert serve["base_bytes"] == base_parameters * size
+            assert serve["expert_bytes"] == experts * (lora_and_gates * size + 768 * 4)  # 768-d embeddings, fp32
+            assert (
+                row["build"]["model_bytes"] == row["load"]["model_bytes"] >= serve["base_bytes"] + serve["expert_bytes"]
+            )
+            assert serve["tasks"] == min(10, experts) == len(set(serve["task_experts"]))
+            assert serve["task_experts_used"] == serve["task_experts"] and serve["used_experts"] <= experts
+            assert serve["first_answer_seconds"] > row["load"]["seconds"] > 0
+            assert serve["peak"] >= serve["rss_at_reset"] > 0
+            assert f"| {experts} | {row['dtype']} | " in table
+            rows += 1
+    assert rows == 2

@@ -372,3 +372,64 @@ def test_gates_train_the_same_over_two_processes(tmp_path, word_tokenizer):
     for path, g in expected.items():
         g = clip * g
         torch.testing.assert_close(tensors[f"gate.{path}"], -lr * g / (g.abs() + 1e-8), atol=lr * 1e-3, rtol=0)
+
+
+def assert_adam_first_step(got: dict, gradients: dict, lr: float) -> None:
+    """`got` is the Trainer's first AdamW step from zero on `gradients` (the reference): clipped to norm 1 together,
+    then -lr g / (|g| + eps). Gradients summed in another order (over processes) differ by ~1e-5 of the largest; the
+    step of an element whose gradient is that small is that uncertain, so its tolerance grows as eps / (|g| + eps)^2."""
+    clip = min(1.0, 1.0 / (torch.cat([g.flatten() for g in gradients.values()]).norm().item() + 1e-6))
+    noise = 1e-4 * clip * max(g.abs().max().item() for g in gradients.values())
+    for key, g in gradients.items():
+        g = clip * g
+        expected = -lr * g / (g.abs() + 1e-8)
+        slack = lr * (1e-3 + 1e-8 * noise / (g.abs() + 1e-8) ** 2)
+        error = (got[key] - expected).abs()
+        assert (error <= slack).all(), (key, error.max().item())
+        assert (got[key].abs() <= lr * (1 + 1e-3)).all(), key
+
+
+def test_expert_trains_the_same_over_two_processes(tmp_path, word_tokenizer):
+    """`torchrun` with two CPU processes runs `train-expert`: each takes half of the one batch, DDP averages the
+    gradients, and the main process alone writes one complete expert. One step from B = 0 leaves A as initialised
+    (its gradient is zero) and moves B by Adam's first step on the whole batch's gradient, computed here with plain
+    hooks from the written A; the gates then take their first step on the gradient with the written A and B."""
+    base = word_base(seed=3)
+    base.save_pretrained(tmp_path / "base")
+    word_tokenizer.save_pretrained(tmp_path / "base")
+    rows = task_rows(FRUITS, seed=0, n=6)  # one batch of 2 x 3 rows: both runs see every row at the one step
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lr, gate_lr, out = 1e-3, 2e-3, tmp_path / "experts" / "fruit"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "modeling_glider.cli", "train-expert", "--base", str(tmp_path / "base"), "--out", str(out),
+        "--name", "fruit", "--data", str(tmp_path / "data.jsonl"), "--lora-alpha", "8", "--steps", "1",
+        "--batch-size", "3", "--learning-rate", str(lr), "--warmup-ratio", "0", "--gate-steps", "1",
+        "--gate-learning-rate", str(gate_lr),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Wrote expert 'fruit'") == 1  # the main process only
+    assert sorted(p.name for p in (tmp_path / "experts").iterdir()) == ["fruit"]  # no staging folder left
+    assert {"adapter_config.json", "adapter_model.safetensors", "glider_expert.json"} <= {p.name for p in out.iterdir()}
+
+    adapter = load_file(out / "adapter_model.safetensors")
+    model, B_zero = copy.deepcopy(base), {}
+    for key, A in adapter.items():
+        if key.endswith(".lora_A.weight"):
+            path = key[len("base_model.model.") : -len(".lora_A.weight")]
+            B_zero[path] = torch.zeros(adapter[key.replace("lora_A", "lora_B")].shape, requires_grad=True)
+
+            def hook(module, args, output, A=A, B=B_zero[path]):
+                return output + 8 / 16 * (args[0] @ A.T @ B.T)  # alpha / r, r = 16
+
+            model.get_submodule(path).register_forward_hook(hook)
+    assert set(B_zero) == set(routable_linears(base))
+    inputs = word_tokenizer([r["input"] for r in rows], return_tensors="pt", padding=True)
+    labels = word_tokenizer(text_target=[r["target"] for r in rows], return_tensors="pt", padding=True).input_ids
+    model(**inputs, labels=labels).loss.backward()
+    gradients = {f"base_model.model.{path}.lora_B.weight": B.grad for path, B in B_zero.items()}
+    assert_adam_first_step(adapter, gradients, lr)
+    gradients = {f"gate.{path}": g for path, g in reference_gate_gradients(base, out, word_tokenizer, rows).items()}
+    assert_adam_first_step(load_file(out / "glider_expert.safetensors"), gradients, gate_lr)
