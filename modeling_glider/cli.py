@@ -150,13 +150,29 @@ def _train_gates(args: argparse.Namespace) -> int:
 
 
 def _train_expert(args: argparse.Namespace) -> int:
-    from .training import train_expert
+    from .training import load_pairs, train_expert
 
+    embedded = {}
+    if args.samples:  # embedded before training: a bad embedder or instruction fails before the long part
+        import random
+
+        from .embedding import load_embedder
+
+        if not args.instruction.strip():
+            raise ValueError("--samples needs the expert's --instruction: the global router embeds both.")
+        inputs = load_pairs(args.data)["input"]
+        embedder = load_embedder(args.embedder)
+        chosen = random.Random(args.seed).sample(inputs, min(args.samples, len(inputs)))
+        embedded = {
+            "instruction_embedding": embedder.embed([args.instruction])[0],
+            "sample_embeddings": embedder.embed(chosen),
+            "embedding_model": embedder.model_id,
+        }
     directory = train_expert(
         args.base, args.data, args.out, name=args.name, instruction=args.instruction, r=args.r,
         lora_alpha=args.lora_alpha, target_modules=args.target_modules, steps=args.steps,
         learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, train_gates_after=not args.no_gates,
-        gate_steps=args.gate_steps, gate_learning_rate=args.gate_learning_rate, **_training_options(args),
+        gate_steps=args.gate_steps, gate_learning_rate=args.gate_learning_rate, **embedded, **_training_options(args),
     )  # fmt: skip
     _print_once(f"Wrote expert {args.name!r} to {directory}")
     return 0
@@ -326,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_argument("--no-gates", action="store_true", help="Skip gate training (Arrow needs none).")
     expert.add_argument("--gate-steps", type=count, default=100, help="(default: %(default)s)")
     expert.add_argument("--gate-learning-rate", type=positive, default=5e-3, help="(default: %(default)s)")
+    expert.add_argument("--samples", type=count, default=0, metavar="N",
+                        help="Embed the instruction and N random training inputs (global_routing_descriptor='samples').")  # fmt: skip
+    expert.add_argument("--embedder", default=DEFAULT_EMBEDDING_MODEL, help="Embedding model (default: %(default)s).")
     expert.set_defaults(run=_train_expert)
 
     convert = commands.add_parser(

@@ -169,3 +169,33 @@ def plain_as_expert(adapter, root):
         save_file(gates, directory / "glider_expert.safetensors")
         (directory / "glider_expert.json").write_text(json.dumps({"name": "plain"}))
     return directory
+
+
+def test_train_expert_embeds_its_instruction_and_samples(tmp_path, tokenizer, capsys):
+    from modeling_glider.embedding import DEFAULT_EMBEDDING_MODEL, load_embedder
+
+    base = make_base(seed=1)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # the save's progress bar
+    words = ["cherry", "apple", "plum", "pear", "fig"]
+    data = write_jsonl(
+        tmp_path / "upper.jsonl", [{"input": f"uppercase the word {w}", "target": w.upper()} for w in words]
+    )
+    command = ["train-expert", "--base", str(tmp_path / "base"), "--data", str(data), "--name", "upper", "--r", "2",
+               "--target-modules", "q", "--steps", "1", "--gate-steps", "1", "--batch-size", "2", "--samples", "3"]  # fmt: skip
+    assert main([*command, "--out", str(tmp_path / "bare")]) == 1  # no instruction to embed beside the samples
+    assert capsys.readouterr().err.startswith("glider train-expert: error: --samples needs the expert's --instruction")
+    assert not (tmp_path / "bare").exists()
+
+    assert main([*command, "--out", str(tmp_path / "upper"), "--instruction", "Uppercase the word."]) == 0
+    tensors = load_file(tmp_path / "upper" / "glider_expert.safetensors")
+    embedder = load_embedder(DEFAULT_EMBEDDING_MODEL)
+    every_input = embedder.embed([f"uppercase the word {w}" for w in words])
+    samples = tensors["sample_embeddings"]
+    assert samples.shape == (3, every_input.shape[1])
+    nearest = torch.cdist(samples, every_input).min(dim=1)  # each row is one input's embedding, three different ones
+    assert nearest.values.max() < 1e-4 and len(set(nearest.indices.tolist())) == 3
+    torch.testing.assert_close(tensors["instruction_embedding"], embedder.embed(["Uppercase the word."])[0])
+    meta = json.loads((tmp_path / "upper" / "glider_expert.json").read_text())
+    assert meta["embedding_model"] == embedder.model_id
