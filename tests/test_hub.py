@@ -226,8 +226,8 @@ def test_card_of_an_arrow_library_with_rank_patterns():
     config = GliderConfig(experts=experts, local_router="arrow", arrow_temperature=10.0, router_top_p=0.5)
     card = ModelCard(str(render_model_card(config, "org/arrow", license=None)))
     assert markdown_table(card.text, "Experts") == [
-        ["1", "qa", "4 (v: 8)", "Answer | briefly.", "org/qa"],
-        ["2", "nli", "2", "-", "-"],
+        ["1", "qa", "4 (v: 8)", "Answer | briefly.", "0", "org/qa"],
+        ["2", "nli", "2", "-", "0", "-"],
     ]
     routing = dict(markdown_table(card.text, "Routing"))
     assert routing["Local router (`local_router`)"] == "Arrow: |x . v_e| / T, T = 10.0"
@@ -542,4 +542,4 @@ def test_card_template_ships_with_the_installed_package(tmp_path):
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert markdown_table(run.stdout, "Experts") == [["1", "nli", "2", "Say if it follows.", "-"]]
+    assert markdown_table(run.stdout, "Experts") == [["1", "nli", "2", "Say if it follows.", "0", "-"]]
