@@ -216,6 +216,9 @@ def run_benchmark(
     else:
         assembled = results["alpha_sweep"]["test"][str(alpha)]
     results["glider_check"] = {"through_the_model": methods["glider"]["tasks"], "assembled": assembled["tasks"]}
+    from .candidates import candidates_results  # imports this module
+
+    results["router_candidates"] = candidates_results(bench, policy)
     methods["glider_instruction"] = bench.run(model, "test", bench.global_logits("instruction", alpha), desc="instr")
     with tempfile.TemporaryDirectory() as scratch:
         dirs = library.export_experts(model, scratch)
@@ -329,6 +332,10 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {k} | {_fmt(g['held_in'])} | {_fmt(g['held_out'])} | {_fmt(p['held_in'])} | {_fmt(p['held_out'])} |"
         )
+    if "router_candidates" in results:
+        from .candidates import markdown_section
+
+        lines += markdown_section(results["router_candidates"])
     lines += ["", "Goals:", ""] + [f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in results["goals"].items()]
     return "\n".join(lines) + "\n"
 
