@@ -314,3 +314,23 @@ def test_a_model_meeting_the_bound_routes_as_without_candidates(library, logits,
         torch.testing.assert_close(used[0], used[1], atol=1e-4, rtol=1e-4)
     else:
         assert (used[0][:, :2] - used[1][:, :2]).abs().max() > 0.1
+
+
+@torch.no_grad()
+def test_routing_work_with_candidates_does_not_grow_with_the_library():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.bench_linear import routed_linear
+
+    flops = {}
+    for num_experts in (8, 166):
+        linear = routed_linear(64, num_experts, torch.float32)
+        x = torch.randn(3, 2, 64)
+        global_logits = torch.randn(3, num_experts)
+        for m in (None, 4):
+            linear.config.router_candidates = m
+            with FlopCounterMode(display=False) as counter:
+                linear.route(x, global_logits)
+            flops[num_experts, m] = counter.get_total_flops()
+    assert flops[8, 4] == flops[166, 4] > 0
+    assert flops[166, None] > 10 * flops[8, None] > 0
