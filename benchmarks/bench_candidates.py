@@ -12,6 +12,7 @@ All four timings are interleaved within each repeat, so a noisy machine hits the
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n".join(lines + growth))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        command = "python -m benchmarks.bench_candidates " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.bench_candidates " + shlex.join(argv if argv is not None else sys.argv[1:])
         header = [
             "# Routing cost against E, with and without candidate experts per query",
             "",
