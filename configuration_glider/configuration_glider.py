@@ -32,6 +32,7 @@ ROUTING_COMPATIBILITIES = ("glider", "reference")
 ROUTING_KNOBS = (
     "router_top_k",
     "router_top_p",
+    "router_candidates",
     "global_routing_scale",
     "global_routing_policy",
     "global_routing_threshold",
@@ -143,6 +144,21 @@ class GliderConfig(T5Config):
     router_top_p (`float`, *optional*):
         If set, also drop the kept experts outside the smallest set whose probability reaches `router_top_p`
         (the best expert is always kept). With `router_top_k` = number of experts this is pure top-p routing.
+    router_candidates (`int`, *optional*):
+        If set to m, each query with a global term keeps its m best experts by the global logits
+        `alpha * cos(u, G_e)` (ties broken as `torch.topk` does) as its candidates, and at every routed linear the
+        local routers choose among the candidates that adapt that linear only: the local logits are computed against
+        those m gates, so the per-token routing cost no longer grows with the number of experts. The softmax, top-k
+        and top-p are over the candidates (top-p over the candidates' probability mass); where fewer than
+        `router_top_k` candidates adapt a linear, the missing slots get weight 0, and a linear none of them adapts
+        adds nothing. A query whose global term is zero (no instruction, a zero row, or alpha = 0) keeps every
+        expert. `None` (default): every expert is a candidate, as in the paper. Must lie between `router_top_k` and
+        the number of experts; not combined with `routing_compatibility="reference"` (the authors' computation).
+        Exactness: Phatgoose's local logit `LN(x) . LN(v) / sqrt(d_in)` lies in `[-sqrt(d_in), sqrt(d_in)]` (a
+        LayerNorm without affine parameters has norm at most `sqrt(d_in)`), so a query's top-k at a linear is the
+        paper's whenever `alpha * (c_(k) - c_(m+1)) > 2 sqrt(d_in)` for the largest `d_in` of the routed linears, with
+        `c_(j)` its j-th best cosine similarity (`routing.candidates_are_exact`). Arrow's local logits `|x . v| / T`
+        have no such bound.
     global_routing_scale (`float`, defaults to 100.0):
         alpha in `logits_e = local_e + alpha * cos(u, G_e)`; with the threshold policy, the alpha of a query that
         matches a known expert.
@@ -204,6 +220,7 @@ class GliderConfig(T5Config):
     experts: list | None = None
     router_top_k: int = 2
     router_top_p: float | int | None = None
+    router_candidates: int | None = None
     global_routing_scale: float | int = 100.0
     global_routing_policy: str = "fixed"
     global_routing_threshold: float | int = 0.3
@@ -252,6 +269,7 @@ class GliderConfig(T5Config):
             )
         if self.router_top_p is not None and not 0.0 < self.router_top_p <= 1.0:  # NaN fails too
             raise ValueError(f"router_top_p (top_p) must be in (0, 1], got {self.router_top_p!r}.")
+        self.check_router_candidates(len(self.experts) if self.experts else None)
         for name in ("global_routing_scale", "global_routing_scale_unmatched", "global_routing_threshold"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}.")
@@ -293,6 +311,22 @@ class GliderConfig(T5Config):
             )
         if not (0 < self.arrow_temperature < math.inf):
             raise ValueError(f"arrow_temperature must be > 0 and finite, got {self.arrow_temperature!r}.")
+
+    def check_router_candidates(self, num_experts: int | None) -> None:
+        m = self.router_candidates
+        if m is None:
+            return
+        if isinstance(m, bool) or not isinstance(m, int) or m < self.router_top_k:
+            raise ValueError(
+                f"router_candidates must be None or an integer >= router_top_k ({self.router_top_k}), got {m!r}."
+            )
+        if num_experts is not None and m > num_experts:
+            raise ValueError(f"router_candidates = {m} exceeds the number of experts ({num_experts}).")
+        if self.routing_compatibility == "reference":
+            raise ValueError(
+                "router_candidates cannot be combined with routing_compatibility='reference' (the authors' "
+                "computation, where every expert is a candidate); set router_candidates=None."
+            )
 
     def __setattr__(self, name, value):
         # A built model's tensors were made for its library fields: changing one would route silently wrong.

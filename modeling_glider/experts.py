@@ -824,6 +824,11 @@ def remove_expert(model, name: str) -> None:
             f"Removing expert {name!r} would leave {len(config.experts) - 1} experts, fewer than router_top_k "
             f"= {config.router_top_k}; lower model.config.router_top_k first."
         )
+    if config.router_candidates is not None and config.router_candidates > len(config.experts) - 1:
+        raise ValueError(
+            f"Removing expert {name!r} would leave {len(config.experts) - 1} experts, fewer than router_candidates "
+            f"= {config.router_candidates}; lower model.config.router_candidates first."
+        )
     removed = config.expert_names.index(name)
     tensors = {}
     for path, module in model.named_modules():

@@ -133,6 +133,7 @@ def render_model_card(
         ("Local router (`local_router`)", local),
         ("Experts kept per token (`router_top_k`)", config.router_top_k),
         ("Top-p (`router_top_p`)", config.router_top_p if config.router_top_p is not None else "off"),
+        ("Candidate experts per query (`router_candidates`)", config.router_candidates or "every expert"),
         ("Global routing scale alpha (`global_routing_scale`)", config.global_routing_scale),
         ("alpha policy (`global_routing_policy`)", _alpha_policy(config)),
         ("Instruction embeddings", embedder),

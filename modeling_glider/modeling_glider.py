@@ -2,7 +2,8 @@
 GLIDER's global instruction router.
 
 The T5 modules below differ from `transformers.models.t5.modeling_t5` in one way: every linear of a block is a
-`GliderLinear`, and the routing inputs of a call (`global_routing_logits`, `routing_record`) travel as keyword
+`GliderLinear`, and the routing inputs of a call (`global_routing_logits`, `routing_candidates`, `routing_record`)
+travel as keyword
 arguments from the stack down to each linear. T5's stack already forwards extra keyword arguments to its blocks
 and attention layers; the feed-forward path and the attention projections are the parts that had to learn them,
 and the stack tells a routing record which of its tokens are real (not padding).
@@ -47,7 +48,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
-from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord
+from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord, candidate_experts
 from .staging import all_but_weights, replaced_folder
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
@@ -55,7 +56,7 @@ try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
 except ImportError:  # the installed packages
     from configuration_glider import GliderConfig
 
-ROUTING_KWARGS = ("global_routing_logits", "routing_record")
+ROUTING_KWARGS = ("global_routing_logits", "routing_candidates", "routing_record")
 # sha256 of `inspect.getsource` of the transformers T5 methods re-implemented here (transformers 5.24-5.25).
 REIMPLEMENTED_FROM_T5 = {
     "T5DenseActDense.forward": "12eedb9af398a60a",
@@ -294,6 +295,7 @@ class GliderT5PreTrainedModel(T5PreTrainedModel):
             # The rebuilt config-derived buffers are the point here: after a meta-device load they are empty.
             init.copy_(module.lora_scaling, torch.tensor(module.expert_scalings, dtype=torch.float32))
             init.copy_(module.expert_index, torch.tensor(module.expert_ids, dtype=torch.long))
+            init.copy_(module.expert_slot, module.expert_slots())
             if module.num_experts:
                 init.normal_(module.lora_A, std=module.in_features**-0.5)
                 init.zeros_(module.lora_B)  # a fresh expert changes nothing
@@ -553,6 +555,29 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         # checked on the device, without waiting for it (no host synchronisation at every decoding step)
         torch._assert_async(torch.isfinite(logits).all(), "global_routing_logits hold NaN or inf")
 
+    def routing_candidates(
+        self, global_routing_logits: torch.Tensor | None, candidates: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Each query's candidate experts with `config.router_candidates` set (see `routing.candidate_experts`), once
+        per call; given ones (what `generate` passes to its decoding steps) are checked, not recomputed."""
+        m, num_experts = self.config.router_candidates, len(self.config.experts)
+        if candidates is None:
+            return None if m is None or global_routing_logits is None else candidate_experts(global_routing_logits, m)
+        if m is None or global_routing_logits is None:
+            raise ValueError(
+                "routing_candidates were given, but they need config.router_candidates set and global routing logits "
+                f"(router_candidates = {m}, global routing {'absent' if global_routing_logits is None else 'given'})."
+            )
+        rows = global_routing_logits.shape[0]
+        if candidates.dtype != torch.long or tuple(candidates.shape) not in ((rows, m), (rows, num_experts)):
+            raise ValueError(
+                f"routing_candidates must be a long tensor [rows, router_candidates] = {(rows, m)} or [rows, experts] "
+                f"= {(rows, num_experts)}, got {candidates.dtype} {tuple(candidates.shape)}."
+            )
+        in_range = ((candidates >= -1) & (candidates < num_experts)).all()
+        torch._assert_async(in_range, "routing_candidates hold expert ids outside [-1, number of experts)")
+        return candidates
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # as T5ForConditionalGeneration.forward
     def forward(
@@ -569,6 +594,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         use_cache: bool | None = None,
         instruction_embeddings: torch.Tensor | None = None,
         global_routing_logits: torch.Tensor | None = None,
+        routing_candidates: torch.LongTensor | None = None,
         output_routing: bool = False,
         routing_record: RoutingRecord | None = None,
         **kwargs,
@@ -581,6 +607,9 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             local only (Phatgoose); a row of zeros makes that one query local only.
         global_routing_logits (`torch.Tensor` of shape `(batch_size, num_experts)`, *optional*):
             Precomputed `alpha * cos(u, G_e)` (what `generate` passes on); exclusive with `instruction_embeddings`.
+        routing_candidates (`torch.LongTensor` of shape `(batch_size, router_candidates or num_experts)`, *optional*):
+            With `config.router_candidates` set, each query's candidate experts (-1: an empty slot), as
+            `routing.candidate_experts` makes them from the global routing logits; computed here if not given.
         output_routing (`bool`, *optional*):
             Return the experts every token used at every routed linear as `routing` (a `RoutingRecord`).
         routing_record (`RoutingRecord`, *optional*):
@@ -596,6 +625,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
                 global_routing_logits = self.global_routing_logits(instruction_embeddings, batch)
             elif global_routing_logits is not None:
                 self.check_global_routing_logits(global_routing_logits, batch)
+            routing_candidates = self.routing_candidates(global_routing_logits, routing_candidates)
             if output_routing and routing_record is None:
                 routing_record = RoutingRecord()
             outputs = super().forward(
@@ -610,6 +640,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
                 labels=labels,
                 use_cache=use_cache,
                 global_routing_logits=global_routing_logits,
+                routing_candidates=routing_candidates,
                 routing_record=routing_record,
                 return_dict=True,
                 **kwargs,
@@ -645,6 +676,10 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
                 kwargs["global_routing_logits"] = self.global_routing_logits(instruction_embeddings, batch)
             elif kwargs.get("global_routing_logits") is not None:
                 self.check_global_routing_logits(kwargs["global_routing_logits"], batch)
+            # once per call: the decoding steps get them with the global logits (expanded alike for beams)
+            candidates = self.routing_candidates(kwargs.get("global_routing_logits"), kwargs.get("routing_candidates"))
+            if candidates is not None:
+                kwargs["routing_candidates"] = candidates
             outputs = super().generate(inputs, routing_record=record, **kwargs)
         if record is not None:
             outputs["routing"] = record

@@ -7,7 +7,9 @@ Per routed linear and per token x (that linear's input), with u the query's inst
     y = W x + sum_e w_e s_e B_e A_e x
 
 `local_e` is Phatgoose's `LN(x) . LN(v_e) / sqrt(d_in)` or Arrow's `|x . v_e| / T`. Everything a call routes by
-arrives as arguments, so one batch may mix tasks and threads may share a model.
+arrives as arguments, so one batch may mix tasks and threads may share a model. With `config.router_candidates = m`,
+the experts of a query are first narrowed to its m best by the global logits (`candidate_experts`), and only their
+local logits are computed.
 """
 
 import math
@@ -70,6 +72,42 @@ def glider_routing_weights(
     probs = (top_logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
     weights = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # the best expert is always kept
     return weights / weights.sum(dim=-1, keepdim=True), indices
+
+
+def candidate_experts(global_logits: torch.Tensor, m: int) -> torch.Tensor:
+    """Each query's candidate experts for `router_candidates = m`: `[batch, W]` expert ids, -1 for an empty slot.
+
+    A query with a global term keeps its m best experts by its global logits (ties broken as `torch.topk` does); a
+    query whose global logits are all zero (no instruction, or alpha = 0) keeps every expert. W is m, or the number
+    of experts when some query keeps every expert (the others' rows padded with -1), so that shapes do not depend on
+    the data row by row. Telling the two apart waits for the device once: call this once per model call, not per
+    linear (the model does, and `generate` passes the result on to every decoding step).
+    """
+    top = global_logits.topk(m, dim=-1).indices
+    has_global = (global_logits != 0).any(dim=-1, keepdim=True)
+    if bool(has_global.all()):
+        return top
+    num_experts = global_logits.shape[-1]
+    every = torch.arange(num_experts, device=global_logits.device).expand(len(global_logits), num_experts)
+    return torch.where(has_global, F.pad(top, (0, num_experts - m), value=-1), every)
+
+
+def candidates_are_exact(global_logits: torch.Tensor, top_k: int, m: int, max_d_in: int) -> torch.Tensor:
+    """Per query, `[batch]` bool: whether `router_candidates = m` provably routes like every expert being a candidate,
+    top-k with Phatgoose local routers, at every linear that all experts adapt.
+
+    Phatgoose's local logit is bounded: `|LN(x) . LN(v)| / sqrt(d) <= sqrt(d)`, a LayerNorm without affine parameters
+    having norm at most `sqrt(d)`. With `g_(j)` the query's j-th largest global logit, each of its k best candidates
+    has a logit of at least `g_(k) - sqrt(d)`, and every other expert one of at most `g_(m+1) + sqrt(d)`: when
+    `g_(k) - g_(m+1) > 2 sqrt(d)` at the widest routed linear, no non-candidate can enter the top-k, and the kept
+    logits, hence the weights, are the same. Queries without a global term keep every expert: exact. Arrow's local
+    logits `|x . v| / T` have no such bound; top-p sees only the candidates' mass, so it is not covered either.
+    """
+    has_global = (global_logits != 0).any(dim=-1)
+    if m >= global_logits.shape[-1]:
+        return torch.ones_like(has_global)
+    ranked = global_logits.float().topk(m + 1, dim=-1).values
+    return ~has_global | (ranked[:, top_k - 1] - ranked[:, m] > 2 * math.sqrt(max_d_in))
 
 
 class RoutingRecord:
@@ -178,9 +216,16 @@ class GliderLinear(nn.Linear):
         self.register_buffer(
             "expert_index", torch.tensor(self.expert_ids, dtype=torch.long, device=device), persistent=False
         )
+        self.register_buffer("expert_slot", self.expert_slots().to(device), persistent=False)
         # Config-derived shortcuts of the fast path: one scaling for all experts; the global logits need no selection.
         self.uniform_scaling = self.expert_scalings[0] if len(set(self.expert_scalings)) == 1 else None
         self.routes_all_experts = self.expert_ids == list(range(len(self.config.experts)))
+
+    def expert_slots(self) -> torch.Tensor:
+        """Expert id (the model's numbering) -> its slot in this linear's stacked tensors, -1 where it adapts none."""
+        slots = torch.full((len(self.config.experts),), -1, dtype=torch.long)
+        slots[self.expert_ids] = torch.arange(len(self.expert_ids))
+        return slots
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` casts every float buffer; the scalings stay fp32 (PEFT keeps them as Python floats), rebuilt
@@ -206,12 +251,13 @@ class GliderLinear(nn.Linear):
         x: torch.Tensor,
         global_routing_logits: torch.Tensor | None = None,
         routing_record: RoutingRecord | None = None,
+        routing_candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         y = super().forward(x)
         if not self.num_experts:
             return y
         implementation = self.lora_implementation(x.shape[:-1].numel())
-        weights, indices = self.route(x, global_routing_logits)
+        weights, indices = self.route(x, global_routing_logits, routing_candidates)
         if routing_record is not None:
             routing_record.add(self.module_path, weights, self.expert_index[indices])
         if implementation == "dense":
@@ -242,17 +288,49 @@ class GliderLinear(nn.Linear):
             logits = logits + global_logits[:, None, :]
         return logits
 
-    def route(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing weights and local expert indices per token, `[batch, tokens, k]` (see `glider_routing_weights`)."""
-        logits = self.routing_logits(x, global_routing_logits)
+    def route(
+        self,
+        x: torch.Tensor,
+        global_routing_logits: torch.Tensor | None,
+        routing_candidates: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and local expert indices per token, `[batch, tokens, k]` (see `glider_routing_weights`).
+
+        With `config.router_candidates` set and a global term, only the query's candidates (`routing_candidates`, from
+        `candidate_experts`; computed here if not given) that adapt this linear are scored; slots of candidates that
+        do not adapt it weigh 0 and point at slot 0."""
         config = self.config
-        reference = config.routing_compatibility == "reference"
-        return glider_routing_weights(logits, None, config.router_top_k, config.router_top_p, reference)
+        if config.router_candidates is None or global_routing_logits is None:
+            logits = self.routing_logits(x, global_routing_logits)
+            reference = config.routing_compatibility == "reference"
+            return glider_routing_weights(logits, None, config.router_top_k, config.router_top_p, reference)
+        global_logits = global_routing_logits.to(x.device)
+        if routing_candidates is None:
+            routing_candidates = candidate_experts(global_logits, config.router_candidates)
+        candidates = routing_candidates.to(x.device)
+        slots = self.expert_slot[candidates.clamp(min=0)].masked_fill(candidates < 0, -1)  # [batch, W]
+        selectable = slots >= 0
+        slots = slots.clamp(min=0)
+        batch, width = slots.shape
+        gates = self.router_gate.index_select(0, slots.reshape(-1)).view(batch, width, self.in_features)
+        if config.local_router == "arrow":
+            logits = (x.float() @ gates.float().transpose(1, 2)).abs() / config.arrow_temperature
+        else:
+            x_normalised = F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS)
+            logits = x_normalised @ phatgoose_gates(gates).transpose(1, 2)  # [batch, tokens, W]
+        logits = logits + global_logits.float().gather(-1, candidates.clamp(min=0))[:, None, :]
+        # A finite floor rather than -inf: a linear that no candidate adapts must give weights 0, not NaN.
+        logits = logits.masked_fill(~selectable[:, None, :], torch.finfo(torch.float32).min)
+        weights, picked = glider_routing_weights(logits, None, config.router_top_k, config.router_top_p)
+        picked_selectable = selectable[:, None, :].expand_as(logits).gather(-1, picked)
+        weights = torch.where(picked_selectable, weights, 0.0)
+        return weights, slots[:, None, :].expand_as(logits).gather(-1, picked)
 
     def mixture_of_lora(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_e w_e s_e B_e A_e x. Reference path: every expert is computed, unselected ones with w_e = 0."""
         dense_weights = torch.zeros(*weights.shape[:-1], self.num_experts, device=x.device)
-        dense_weights = dense_weights.scatter(-1, indices, weights) * self.lora_scaling
+        # scatter_add: slots weighing 0 may repeat a selected slot (candidates that do not adapt this linear)
+        dense_weights = dense_weights.scatter_add(-1, indices, weights) * self.lora_scaling
         hidden = torch.einsum("btd,erd->bter", x, self.lora_A.to(x.dtype))
         return torch.einsum("bter,bte,eor->bto", hidden, dense_weights.to(x.dtype), self.lora_B.to(x.dtype))
 

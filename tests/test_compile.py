@@ -22,12 +22,17 @@ def model(tmp_path_factory):
     return GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=2).eval()
 
 
-@pytest.mark.parametrize("implementation", ["auto", "dense", "gather"])
+@pytest.mark.parametrize(
+    "implementation, router_candidates",
+    [("auto", None), ("dense", None), ("gather", None), ("dense", 2), ("gather", 2)],
+)
 @torch.no_grad()
-def test_decode_step_compiles_as_one_graph_with_a_static_cache(model, implementation):
+def test_decode_step_compiles_as_one_graph_with_a_static_cache(model, implementation, router_candidates):
+    model.config.router_candidates = router_candidates
     ids = torch.randint(2, 60, (3, 6), generator=torch.Generator().manual_seed(0))
     logits = model.global_routing_logits(torch.randn(3, EMBED_DIM, generator=torch.Generator().manual_seed(1)), 3)
-    encoder_outputs = model.encoder(input_ids=ids, global_routing_logits=logits)
+    candidates = model.routing_candidates(logits)  # once per call, as `generate` does: it waits for the device
+    encoder_outputs = model.encoder(input_ids=ids, global_routing_logits=logits, routing_candidates=candidates)
 
     def cache():
         self_attention = StaticCache(config=model.config, max_cache_len=8)
@@ -36,7 +41,7 @@ def test_decode_step_compiles_as_one_graph_with_a_static_cache(model, implementa
     def step(decoder_input_ids, cache, position):
         return model(
             encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids, cache=cache, use_cache=True,
-            global_routing_logits=logits, cache_position=position,
+            global_routing_logits=logits, routing_candidates=candidates, cache_position=position,
         ).logits  # fmt: skip
 
     torch._dynamo.reset()
@@ -52,17 +57,25 @@ def test_decode_step_compiles_as_one_graph_with_a_static_cache(model, implementa
             tokens = expected[:, -1:].argmax(-1)
     finally:
         model.config.lora_implementation = "auto"
+        model.config.router_candidates = None
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("router_candidates", [None, 2])
 @torch.no_grad()
-def test_a_routed_linear_at_decode_shapes_never_waits_for_the_device(model):
+def test_a_routed_linear_at_decode_shapes_never_waits_for_the_device(model, router_candidates):
     linear = next(m for m in model.modules() if isinstance(m, GliderLinear) and m.num_experts)
     global_logits = torch.randn(8, 4)
-    for rows in (1, 8):  # from 8 rows the eager CPU path looks for shared experts; compiled, it must not
-        x = torch.randn(rows, 1, linear.in_features)
+    model.config.router_candidates = router_candidates
+    try:
+        for rows in (1, 8):  # from 8 rows the eager CPU path looks for shared experts; compiled, it must not
+            x = torch.randn(rows, 1, linear.in_features)
+            candidates = model.routing_candidates(global_logits[:rows])
+            torch._dynamo.reset()
+            compiled = torch.compile(linear, fullgraph=True, backend="eager")
+            expected = linear(x, global_logits[:rows], routing_candidates=candidates)
+            got = compiled(x, global_logits[:rows], routing_candidates=candidates)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        model.config.router_candidates = None
         torch._dynamo.reset()
-        compiled = torch.compile(linear, fullgraph=True, backend="eager")
-        expected = linear(x, global_logits[:rows])
-        torch.testing.assert_close(compiled(x, global_logits[:rows]), expected, atol=1e-5, rtol=1e-5)
-    torch._dynamo.reset()

@@ -271,3 +271,23 @@ def test_benchmark_runs_end_to_end_on_the_committed_glider_mini(tmp_path):
     assert all(label in table for label in benchmark.METHODS.values())
     assert load_eval_results(tmp_path / "eval_results.json")  # usable for the model card
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+    candidates = results["router_candidates"]["splits"]
+    assert candidates["test"]["None"]["tasks"] == methods["glider"]["tasks"]  # every expert a candidate: GLIDER
+    shares = [
+        candidates[s][m]["certified_exact"][p]
+        for s in candidates
+        for m in ("2", "4", "8")
+        for p in ("held_in", "held_out")
+    ]
+    assert all(0 <= share <= 100 for share in shares)
+    assert "Candidate experts per query" in table
+
+
+def test_candidates_benchmark_runs_standalone(tmp_path):
+    from benchmarks.glider_mini import candidates
+
+    candidates.main(["--model", str(COMMITTED), "--out", str(tmp_path), "--validation-size", "2", "--test-size", "2"])
+    results = json.loads((tmp_path / "router_candidates.json").read_text())
+    assert set(results["splits"]["test"]) == {"None", "2", "4", "8"}
+    head = (tmp_path / "router_candidates.md").read_text().splitlines()[0]
+    assert head.startswith("Made by `python -m benchmarks.glider_mini.candidates --model ") and "torch thread" in head

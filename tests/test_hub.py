@@ -223,7 +223,9 @@ def test_card_of_an_arrow_library_with_rank_patterns():
          "rank_pattern": {"v": 8}},
         {"name": "nli", "target_modules": ["q"], "r": 2},
     ]  # fmt: skip
-    config = GliderConfig(experts=experts, local_router="arrow", arrow_temperature=10.0, router_top_p=0.5)
+    config = GliderConfig(
+        experts=experts, local_router="arrow", arrow_temperature=10.0, router_top_p=0.5, router_candidates=2
+    )
     card = ModelCard(str(render_model_card(config, "org/arrow", license=None)))
     assert markdown_table(card.text, "Experts") == [
         ["1", "qa", "4 (v: 8)", "Answer | briefly.", "0", "org/qa"],
@@ -232,6 +234,7 @@ def test_card_of_an_arrow_library_with_rank_patterns():
     routing = dict(markdown_table(card.text, "Routing"))
     assert routing["Local router (`local_router`)"] == "Arrow: |x . v_e| / T, T = 10.0"
     assert routing["Top-p (`router_top_p`)"] == "0.5"
+    assert routing["Candidate experts per query (`router_candidates`)"] == "2"
     assert routing["Instruction embeddings"] == "none (local routing only)"
     assert card.data.license is None and card.data.eval_results is None and "## Evaluation" not in card.text
     assert "instruction_embeddings=u" not in card.text  # no global router to switch on

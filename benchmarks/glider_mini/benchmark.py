@@ -339,6 +339,10 @@ def run_benchmark(
     methods["glider_instruction"] = bench.run(
         model, "test", bench.global_logits("instruction", alpha, descriptor), desc="instr"
     )
+    if full:  # m in {2, 4, 8} on both splits
+        from .candidates import candidates_results  # imports this module
+
+        results["router_candidates"] = candidates_results(bench, policy)
     with tempfile.TemporaryDirectory() as scratch:
         dirs = library.export_experts(model, scratch)
         if baselines_from is None:
@@ -476,6 +480,10 @@ def markdown(results: dict) -> str:
         lines.append("|---:|---:|---:|")
         for k, row in results["top_k_sweep"].items():
             lines.append(f"| {k} | {_fmt(row['glider']['held_in'])} | {_fmt(row['glider']['held_out'])} |")
+    if "router_candidates" in results:
+        from .candidates import markdown_section
+
+        lines += markdown_section(results["router_candidates"])
     lines += ["", "Goals:", ""] + [f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in results["goals"].items()]
     return "\n".join(lines) + "\n"
 
