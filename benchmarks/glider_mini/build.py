@@ -75,10 +75,10 @@ class Recipe:
     # the benchmark chose on the validation split (benchmarks/results/glider_mini/results.json, "policy")
     top_k: int = 2
     global_routing_policy: str = "fixed"
-    global_routing_scale: float = 300.0
+    global_routing_scale: float = 30.0
     global_routing_threshold: float = 0.3
     global_routing_scale_unmatched: float = 3.0
-    global_routing_descriptor: str = "instruction"
+    global_routing_descriptor: str = "samples"
     # data for measuring the pretraining (span corruption on validation inputs, never trained on)
     pretraining_eval_examples: int = 500
 
