@@ -6,8 +6,8 @@ per-query scoring against the instruction descriptor.
 Random unit embeddings (the fit's cost does not depend on what they mean): E experts with N embedded samples each,
 width D. Reported per setting, medians of `--repeats` runs in one process:
 - `fit_s`: `fit_expert_descriptors` (what a build, `add_expert` and `remove_expert` run once), and its floor: the
-  FLOPs of its full-batch steps (forward and backward of one [E*N, D] x [D, E] product per step) at the machine's
-  measured fp32 matmul rate;
+  FLOPs of its full-batch steps at the machine's
+  measured fp32 matmul rate (the logits and the gradient of W: two [E*N, D] x [D, E] products per step);
 - `samples_mib`: the bytes the model keeps for the samples (`expert_samples`, fp32) and the descriptors;
 - `score_us`: one `GliderGlobalRouter.forward` for a batch of queries with each descriptor; "samples" reads an
   [E, D] descriptor matrix as "instruction" does, so its ratio to "instruction" is the price of the choice.
@@ -55,6 +55,24 @@ def router(experts: int, samples: int, width: int) -> GliderGlobalRouter:
     return module
 
 
+def write_markdown(result: dict, out: Path) -> None:
+    lines = [
+        f"`python -m benchmarks.bench_descriptors` on {result['machine']['platform']}, one thread, fp32 matmul "
+        f"{result['matmul_gflops']:.0f} GFLOP/s, {result['batch']} queries per scoring call; medians.",
+        "",
+        "| E | N | D | fit (s) | fit floor (s) | fit / floor | samples + descriptors (MiB) | score instruction (us) "
+        "| score samples (us) | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['experts']} | {r['samples']} | {r['width']} | {r['fit_s']:.2f} | {r['fit_floor_s']:.2f} | "
+            f"{r['fit_s'] / r['fit_floor_s']:.1f} | {r['samples_mib']:.1f} | {r['score_us']['instruction']:.0f} | "
+            f"{r['score_us']['samples']:.0f} | {r['score_ratio']:.2f} |"
+        )
+    (out / "bench_descriptors.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="Folder for bench_descriptors.json / .md.")
@@ -70,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         fit = median_seconds(
             args.repeats, fit_expert_descriptors, module.expert_embeddings, module.expert_samples, counts
         )
-        flops = DESCRIPTOR_STEPS * 3 * 2 * experts * samples * width * experts  # forward + two backward products
+        # per step, the [E*N, D] x [D, E] logits and the gradient of W (the samples need none): two such products
+        flops = DESCRIPTOR_STEPS * 2 * 2 * experts * samples * width * experts
         u = torch.randn(args.batch, width)
         score = {}
         for descriptor in ("instruction", "samples"):
@@ -100,21 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_descriptors.json").write_text(json.dumps(result, indent=2) + "\n")
-        lines = [
-            f"`python -m benchmarks.bench_descriptors` on {result['machine']['platform']}, one thread, fp32 matmul "
-            f"{result['matmul_gflops']:.0f} GFLOP/s, {args.batch} queries per scoring call; medians.",
-            "",
-            "| E | N | D | fit (s) | fit floor (s) | fit / floor | samples + descriptors (MiB) | score instruction (us) "
-            "| score samples (us) | ratio |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['experts']} | {r['samples']} | {r['width']} | {r['fit_s']:.2f} | {r['fit_floor_s']:.2f} | "
-                f"{r['fit_s'] / r['fit_floor_s']:.1f} | {r['samples_mib']:.1f} | {r['score_us']['instruction']:.0f} | "
-                f"{r['score_us']['samples']:.0f} | {r['score_ratio']:.2f} |"
-            )
-        (args.out / "bench_descriptors.md").write_text("\n".join(lines) + "\n")
+        write_markdown(result, args.out)
     return result
 
 

@@ -425,12 +425,11 @@ class GliderGlobalRouter(nn.Module):
             # the authors' code drops the last value of every instruction embedding (`embedding[:-1]`), both sides
             u, G = u[:, :-1], G[:, :-1]
         u = F.normalize(u, dim=-1)
-        instruction = u @ F.normalize(G, dim=-1).T
         descriptor = self.config.global_routing_descriptor
         if descriptor == "instruction":
-            return instruction
+            return u @ F.normalize(G, dim=-1).T
         fitted = u @ F.normalize(self.expert_descriptors.float(), dim=-1).T
-        return fitted if descriptor == "samples" else (instruction + fitted) / 2
+        return fitted if descriptor == "samples" else (u @ F.normalize(G, dim=-1).T + fitted) / 2
 
     def forward(self, instruction_embeddings: torch.Tensor) -> torch.Tensor:
         """`[batch, D]` instruction embeddings -> `[batch, num_experts]` global routing logits (fp32)."""

@@ -255,7 +255,7 @@ def test_benchmark_runs_end_to_end_on_the_committed_glider_mini(tmp_path):
     from benchmarks.glider_mini import benchmark
     from modeling_glider.hub import load_eval_results
 
-    results = benchmark.run_benchmark(COMMITTED, tmp_path, validation_size=2, test_size=2)
+    results = benchmark.run_benchmark(COMMITTED, tmp_path, validation_size=2, test_size=2, full=True)
     methods = results["methods"]
     assert set(methods) == set(benchmark.METHODS)
     for name, method in methods.items():
@@ -281,6 +281,12 @@ def test_benchmark_runs_end_to_end_on_the_committed_glider_mini(tmp_path):
     ]
     assert all(0 <= share <= 100 for share in shares)
     assert "Candidate experts per query" in table
+    # every descriptor of the library scored, the chosen one's test scores being GLIDER's
+    assert set(results["descriptors"]) == {"instruction", "samples", "both"}
+    chosen = results["policy"]["chosen"]["global_routing_descriptor"]
+    assert results["descriptors"][chosen]["test"] == methods["glider"]
+    assert methods["glider_instruction_descriptor"] == results["descriptors"]["instruction"]["test"]
+    assert results["glider_check"]["through_the_model"] == methods["glider"]["tasks"]
 
 
 def test_candidates_benchmark_runs_standalone(tmp_path):
