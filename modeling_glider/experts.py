@@ -303,12 +303,7 @@ def _read_expert(spec: str | os.PathLike, name: str | None, tensors: bool) -> Ex
                 instruction_embedding = tensor.float().flatten()
             elif key == "sample_embeddings":
                 sample_embeddings = tensor.float()
-                if tensor.dim() != 2 or not len(tensor) or not tensor.shape[1]:
-                    raise ValueError(
-                        f"{who}: sample_embeddings in {EXPERT_WEIGHTS} must be [samples, D], got {tuple(tensor.shape)}."
-                    )
-                if not torch.isfinite(sample_embeddings).all() or not sample_embeddings.any(dim=-1).all():
-                    raise ValueError(f"{who}: sample_embeddings in {EXPERT_WEIGHTS} hold NaN, inf or rows of zeros.")
+                check_sample_embeddings(sample_embeddings, f"{who}, {EXPERT_WEIGHTS}")
             elif key.startswith("gate.") and key[5:] in lora_A:
                 gates[key[5:]] = tensor.flatten() if tensors else tensor.to("meta")  # a header: its shape
             else:
@@ -555,6 +550,20 @@ def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None]:
     return widths[experts[0].name], models.pop()
 
 
+def check_sample_embeddings(rows, who: str, width: int | None = None) -> None:
+    """Embedded samples: a float tensor `[samples >= 1, D]` (D = `width` if given) of finite rows, none all zero."""
+    if not isinstance(rows, torch.Tensor) or not rows.is_floating_point() or rows.dim() != 2 or 0 in rows.shape:
+        shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"{who}: sample_embeddings must be a float tensor [samples, D], got {shape}.")
+    if width is not None and rows.shape[1] != width:
+        raise ValueError(
+            f"{who}: sample_embeddings are {rows.shape[1]} wide, the instruction_embedding {width}: both must come "
+            "from one embedder."
+        )
+    if not torch.isfinite(rows).all() or not rows.any(dim=-1).all():
+        raise ValueError(f"{who}: sample_embeddings hold NaN, inf or rows of zeros.")
+
+
 def _check_samples(expert: Expert, width: int | None) -> None:
     """Embedded samples need the expert's instruction embedding, and its width (one embedder for both)."""
     if expert.sample_embeddings is None:
@@ -564,11 +573,7 @@ def _check_samples(expert: Expert, width: int | None) -> None:
             f"Expert {expert.name!r} ({expert.source}) has sample_embeddings but no instruction_embedding: the "
             "global router needs both (glider describe-experts writes both)."
         )
-    if expert.sample_embeddings.shape[1] != width:
-        raise ValueError(
-            f"Expert {expert.name!r} ({expert.source}): sample_embeddings are {expert.sample_embeddings.shape[1]} "
-            f"wide, its instruction_embedding {width}: both must come from one embedder."
-        )
+    check_sample_embeddings(expert.sample_embeddings, f"Expert {expert.name!r} ({expert.source})", width)
 
 
 def _check_base_names(experts: list[Expert]) -> None:

@@ -357,11 +357,12 @@ def fit_expert_descriptors(
         G = F.normalize(instruction_embeddings.detach().float().clone(), dim=-1)
         counts_t = torch.tensor(counts, device=G.device)
         mask = torch.arange(samples.shape[1], device=G.device)[None, :] < counts_t[:, None]  # [E, N]
-        X = F.normalize(samples.detach().float().clone()[mask], dim=-1)  # [S, D]
+        samples = samples.detach().float().clone()  # an ordinary tensor, also when called under inference mode
+        X = F.normalize(samples[mask], dim=-1)  # [S, D]
         labels = torch.arange(len(counts), device=G.device)[:, None].expand_as(mask)[mask]
         weights = 1.0 / counts_t[labels].float()
         fitted = counts_t > 0
-        centroids = samples.detach().float().clone().sum(dim=1) / counts_t.clamp(min=1)[:, None]
+        centroids = samples.sum(dim=1) / counts_t.clamp(min=1)[:, None]
         W = torch.where(fitted[:, None], F.normalize(centroids, dim=-1), G).requires_grad_()
         optimizer = torch.optim.Adam([W], lr=DESCRIPTOR_LEARNING_RATE)
         for _ in range(DESCRIPTOR_STEPS if len(X) else 0):

@@ -36,6 +36,7 @@ from .experts import (
     EXPERT_CONFIG,
     _check_against_base,
     check_name,
+    check_sample_embeddings,
     expert_lora_scalings,
     is_positive_number,
     load_base,
@@ -391,20 +392,9 @@ def train_expert(
     if embedding_model is not None and not isinstance(embedding_model, str):
         raise TypeError(f"embedding_model must be a string, got {embedding_model!r}.")
     if sample_embeddings is not None:
-        width = None if instruction_embedding is None else instruction_embedding.numel()
-        if (
-            not isinstance(sample_embeddings, torch.Tensor)
-            or not sample_embeddings.is_floating_point()
-            or sample_embeddings.dim() != 2
-            or not len(sample_embeddings)
-            or sample_embeddings.shape[1] != width
-            or not torch.isfinite(sample_embeddings).all()
-            or not sample_embeddings.any(dim=-1).all()
-        ):
-            raise ValueError(
-                f"Expert {name!r}: sample_embeddings must be finite non-zero rows [n, D] beside an instruction_embedding "
-                f"of the same width D ({width}), got {getattr(sample_embeddings, 'shape', sample_embeddings)!r}."
-            )
+        if instruction_embedding is None:
+            raise ValueError(f"Expert {name!r}: sample_embeddings need an instruction_embedding of the same embedder.")
+        check_sample_embeddings(sample_embeddings, f"Expert {name!r}", instruction_embedding.numel())
     for option, value in (("warmup_ratio", warmup_ratio), ("lora_dropout", lora_dropout)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{option} must be in [0, 1), got {value!r}.")
