@@ -51,6 +51,9 @@ LIBRARY_FIELDS = (
     "instruction_embedding_truncate_dim",
     "instruction_embedding_trust_remote_code",
 )
+# How a loaded model serves its experts (see `expert_offload`): fixed on a built model, and not saved with it.
+SERVING_FIELDS = ("expert_offload", "expert_cache_size")
+EXPERT_OFFLOADS = ("cpu", "disk")
 _UNSET = object()
 EXPERT_KEYS = (
     "name",
@@ -205,6 +208,19 @@ class GliderConfig(T5Config):
         rows on, each expert once where rows share them, as beams do).
         `"grouped"`: groups tokens by expert, one matmul pair per expert in use (for many tokens).
         `"auto"`: `"gather"` for calls on up to 64 tokens (the decoding steps of up to 64 rows), `"grouped"` above.
+    expert_offload (`str`, *optional*):
+        Where a loaded model keeps its experts' LoRA weights and gates, a loading option
+        (`from_pretrained(folder, expert_offload="disk", expert_cache_size=64)`): `None` (default) on the model's
+        devices; `"disk"` in the model's safetensors files, each expert read when a call first needs it; `"cpu"` in
+        CPU memory (for accelerators smaller than the library). The devices then hold the base, the global router and
+        a cache of `expert_cache_size` experts; a call leases the experts it may use (with `router_candidates` set,
+        its queries' candidates; otherwise every expert), reading the missing ones in place of the least recently
+        used. Routing is unchanged. Fixed once the model is built, and not saved (`save_pretrained`, `add_expert`
+        and gate training need the experts in memory: load the model without it for those).
+    expert_cache_size (`int`, *optional*):
+        How many experts the cache of an offloaded model holds (default: all of them, read as first needed). Must
+        be at least `router_candidates` (or, without candidates, the number of experts, since every call may then
+        use every expert); a call whose queries need more experts than this is refused.
     routing_compatibility (`str`, defaults to `"glider"`):
         `"glider"`: the routing described above. `"reference"`: the computation of the GLIDER authors' code
         (UNITES-Lab/glider), to reproduce the paper from its released checkpoints: the last value of every
@@ -236,6 +252,8 @@ class GliderConfig(T5Config):
     base_model_name_or_path: str | None = None
     lora_implementation: str = "auto"
     routing_compatibility: str = "glider"
+    expert_offload: str | None = None
+    expert_cache_size: int | None = None
 
     def __post_init__(self, **kwargs):
         kwargs.pop("custom_pipelines", None)  # a constant of this class, see `custom_pipelines`
@@ -270,6 +288,7 @@ class GliderConfig(T5Config):
         if self.router_top_p is not None and not 0.0 < self.router_top_p <= 1.0:  # NaN fails too
             raise ValueError(f"router_top_p (top_p) must be in (0, 1], got {self.router_top_p!r}.")
         self.check_router_candidates(len(self.experts) if self.experts else None)
+        self.check_expert_offload(against_library=self.__dict__.get("_describes_model", False))
         for name in ("global_routing_scale", "global_routing_scale_unmatched", "global_routing_threshold"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}.")
@@ -328,6 +347,34 @@ class GliderConfig(T5Config):
                 "computation, where every expert is a candidate); set router_candidates=None."
             )
 
+    def check_expert_offload(self, against_library: bool = True) -> None:
+        """Refuse serving fields out of range; `against_library`: also those that cannot serve a query of this library
+        and routing knobs (checked once a model is built, as `from_pretrained` sets its keywords one by one)."""
+        offload, size = self.expert_offload, self.expert_cache_size
+        if offload is not None and offload not in EXPERT_OFFLOADS:
+            raise ValueError(f"expert_offload must be None or one of {EXPERT_OFFLOADS}, got {offload!r}.")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"expert_cache_size must be an integer >= 1, got {size!r}.")
+        if not against_library or size is None:
+            return
+        if offload is None:
+            raise ValueError(f"expert_cache_size = {size!r} was given without expert_offload ('cpu' or 'disk').")
+        if self.experts and size < min(self.router_candidates or len(self.experts), len(self.experts)):
+            raise ValueError(
+                f"expert_cache_size = {size} is below the experts one query may use: "
+                + (
+                    f"router_candidates = {self.router_candidates}."
+                    if self.router_candidates
+                    else f"all {len(self.experts)} of them, as router_candidates is not set (set it, e.g. to 4, or "
+                    "make the cache hold every expert)."
+                )
+            )
+
+    @property
+    def expert_cache_capacity(self) -> int:
+        """How many experts the cache of an offloaded model holds: `expert_cache_size`, at most the library."""
+        return min(self.expert_cache_size or len(self.experts), len(self.experts))
+
     def __setattr__(self, name, value):
         # A built model's tensors were made for its library fields: changing one would route silently wrong.
         if name in LIBRARY_FIELDS and self.__dict__.get("_describes_model") and value != getattr(self, name):
@@ -336,9 +383,14 @@ class GliderConfig(T5Config):
                 f"{getattr(self, name)!r} to {value!r}). Use add_expert / remove_expert, or build a new model "
                 f"with from_experts(..., {name}=...)."
             )
+        if name in SERVING_FIELDS and self.__dict__.get("_describes_model") and value != getattr(self, name):
+            raise ValueError(
+                f"{name} says how a loaded GliderT5 holds its experts and cannot change on it (from "
+                f"{getattr(self, name)!r} to {value!r}): load it again with from_pretrained(..., {name}=...)."
+            )
         previous = self.__dict__.get(name, _UNSET)
         super().__setattr__(name, value)
-        if name in ROUTING_KNOBS and self.__dict__.get("_post_init_done"):  # set after construction: check it too
+        if name in (*ROUTING_KNOBS, *SERVING_FIELDS) and self.__dict__.get("_post_init_done"):  # set later: check it
             try:
                 self.check_routing_knobs()
             except ValueError:
@@ -460,6 +512,8 @@ class GliderConfig(T5Config):
     def to_dict(self) -> dict:
         output = super().to_dict()
         output.pop("_describes_model", None)
+        for name in SERVING_FIELDS:  # how one process served the model, not what the model is
+            output.pop(name, None)
         output["experts"] = json.loads(json.dumps(output["experts"]))  # plain dicts
         output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
         return output

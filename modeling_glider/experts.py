@@ -594,6 +594,11 @@ def check_config_overrides(overrides: dict, caller: str) -> None:
     suggesting the closest name, and fields a build derives from the experts."""
     known = [f.name for f in fields(GliderConfig)]
     for key in overrides:
+        if key in ("expert_offload", "expert_cache_size"):
+            raise TypeError(
+                f"{caller}() cannot set {key!r}: offloading is a loading option. Save the model, then "
+                f"from_pretrained(folder, {key}=...)."
+            )
         if key in DERIVED_FIELDS:
             raise TypeError(f"{caller}() cannot set {key!r}: it is derived from the experts' files.")
         if key not in known:

@@ -46,6 +46,7 @@ from transformers.models.t5.modeling_t5 import (
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .offload import OFFLOADED_TENSORS, ExpertCache, ExpertStore, weight_files
 from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
 from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord, candidate_experts
@@ -56,7 +57,7 @@ try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
 except ImportError:  # the installed packages
     from configuration_glider import GliderConfig
 
-ROUTING_KWARGS = ("global_routing_logits", "routing_candidates", "routing_record")
+ROUTING_KWARGS = ("global_routing_logits", "routing_candidates", "routing_record", "expert_lease")
 # sha256 of `inspect.getsource` of the transformers T5 methods re-implemented here (transformers 5.24-5.25).
 REIMPLEMENTED_FROM_T5 = {
     "T5DenseActDense.forward": "12eedb9af398a60a",
@@ -296,10 +297,13 @@ class GliderT5PreTrainedModel(T5PreTrainedModel):
             init.copy_(module.lora_scaling, torch.tensor(module.expert_scalings, dtype=torch.float32))
             init.copy_(module.expert_index, torch.tensor(module.expert_ids, dtype=torch.long))
             init.copy_(module.expert_slot, module.expert_slots())
-            if module.num_experts:
+            if module.lora_A is not None:
                 init.normal_(module.lora_A, std=module.in_features**-0.5)
                 init.zeros_(module.lora_B)  # a fresh expert changes nothing
                 init.zeros_(module.router_gate)
+            for cache in (module.cached_lora_A, module.cached_lora_B, module.cached_router_gate):
+                if cache is not None:  # offloaded experts: an empty cache
+                    init.zeros_(cache)
         elif isinstance(module, GliderGlobalRouter):
             for tensor in (module.expert_embeddings, module.expert_samples, module.expert_descriptors):
                 if tensor is not None:
@@ -463,9 +467,13 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         for module in self.modules():
             if isinstance(module, (GliderLinear, GliderGlobalRouter)):
                 module.config = config
+        config.check_expert_offload()
         config.describe_model()  # its library fields now describe these tensors and stay fixed
         self.library_lock = LibraryLock()
+        self.expert_cache = ExpertCache(config.expert_cache_capacity) if config.expert_offload else None
         self.post_init()
+        if self.expert_cache is not None:  # the files' expert tensors are read by the cache, not loaded
+            self._keys_to_ignore_on_load_unexpected.add(rf"\.({'|'.join(OFFLOADED_TENSORS)})$")
 
     @classmethod
     def from_experts(
@@ -497,11 +505,17 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         tensor and the config field) or hold NaN or inf, instead of loading a model that routes wrong."""
         want_info = kwargs.pop("output_loading_info", False)
         allow_base_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        if kwargs.get("expert_offload") is not None and kwargs.get("variant") is not None:
+            raise ValueError(
+                "expert_offload reads model.safetensors (or its shards); variant= is not supported with it."
+            )
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True,
                 **kwargs,
             )  # fmt: skip
+            if model.expert_cache is not None:
+                model.expert_cache.store = open_expert_store(model, pretrained_model_name_or_path, kwargs)
         except SafetensorError as error:  # its message names no file
             raise ValueError(
                 f"GliderT5 at {pretrained_model_name_or_path}: a weights file is not readable safetensors (corrupt or "
@@ -509,6 +523,44 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             ) from None
         check_loaded_tensors(model, info, str(pretrained_model_name_or_path), allow_base_mismatch)
         return (model, info) if want_info else model
+
+    def refuse_offloaded(self, what: str) -> None:
+        if self.config.expert_offload is not None:
+            raise ValueError(
+                f"{what} needs the experts in memory, and this GliderT5 was loaded with expert_offload="
+                f"{self.config.expert_offload!r}: load it without expert_offload for that."
+            )
+
+    @contextmanager
+    def leased_experts(self, routing_candidates: torch.Tensor | None, lease=None):
+        """With offloaded experts (`offload.py`), lease from the cache the experts this call may use: its queries'
+        candidates, or every expert; yields the lease (None when the experts are not offloaded). A lease given (by
+        `generate`, to its decoding steps) must be one of this model's running calls."""
+        if self.expert_cache is None or lease is not None:
+            if lease is not None and (lease.cache is not self.expert_cache or not lease.active):
+                raise ValueError(
+                    "expert_lease must be the lease of a running call of this model (generate passes its own to the "
+                    "decoding steps); do not pass one."
+                )
+            yield lease
+            return
+        num_experts = len(self.config.experts)
+        if routing_candidates is None:
+            experts = list(range(num_experts))
+            why = (
+                "router_candidates is not set"
+                if self.config.router_candidates is None
+                else "no query has a global term"
+            )
+            why += ": every expert"
+        else:
+            experts = [e for e in routing_candidates.unique().tolist() if e >= 0]
+            why = "its queries' candidates"
+            if len(experts) == num_experts > self.config.router_candidates:
+                why += "; a query without an instruction embedding (or with alpha 0) may use every expert"
+        linears = [m for m in self.modules() if isinstance(m, GliderLinear) and m.num_experts]
+        with self.expert_cache.lease(linears, experts, num_experts, self.device, why) as lease:
+            yield lease
 
     def add_expert(self, expert: str | os.PathLike) -> None:
         """Add one expert (a directory or a Hub repo id) to the library, in place, without touching the other experts.
@@ -521,14 +573,16 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         from .experts import add_expert
 
         with self.library_lock.changing("add_expert"):
-            add_expert(self, expert)
+            self.refuse_offloaded("add_expert")
+        add_expert(self, expert)
 
     def remove_expert(self, name: str) -> None:
         """Remove the expert called `name` from the library, in place; the later experts move up one index."""
         from .experts import remove_expert
 
         with self.library_lock.changing("remove_expert"):
-            remove_expert(self, name)
+            self.refuse_offloaded("remove_expert")
+        remove_expert(self, name)
 
     def global_routing_logits(
         self, instruction_embeddings: torch.Tensor, batch_size: int | None = None
@@ -597,6 +651,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         routing_candidates: torch.LongTensor | None = None,
         output_routing: bool = False,
         routing_record: RoutingRecord | None = None,
+        expert_lease=None,
         **kwargs,
     ) -> GliderSeq2SeqLMOutput:
         r"""
@@ -614,6 +669,9 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             Return the experts every token used at every routed linear as `routing` (a `RoutingRecord`).
         routing_record (`RoutingRecord`, *optional*):
             Append this call's routing to an existing record (how `generate` collects every step).
+        expert_lease (*optional*):
+            With offloaded experts, the lease of the running `generate` call that makes this decoding step (it passes
+            it); a call without one leases its experts itself.
         """
         with self.library_lock.routing():  # the library cannot change while this call routes
             encoder_states = encoder_outputs[0] if encoder_outputs is not None else None
@@ -628,23 +686,25 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             routing_candidates = self.routing_candidates(global_routing_logits, routing_candidates)
             if output_routing and routing_record is None:
                 routing_record = RoutingRecord()
-            outputs = super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                encoder_outputs=encoder_outputs,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                global_routing_logits=global_routing_logits,
-                routing_candidates=routing_candidates,
-                routing_record=routing_record,
-                return_dict=True,
-                **kwargs,
-            )
+            with self.leased_experts(routing_candidates, expert_lease) as expert_lease:
+                outputs = super().forward(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    decoder_input_ids=decoder_input_ids,
+                    decoder_attention_mask=decoder_attention_mask,
+                    encoder_outputs=encoder_outputs,
+                    cache=cache,
+                    inputs_embeds=inputs_embeds,
+                    decoder_inputs_embeds=decoder_inputs_embeds,
+                    labels=labels,
+                    use_cache=use_cache,
+                    global_routing_logits=global_routing_logits,
+                    routing_candidates=routing_candidates,
+                    routing_record=routing_record,
+                    expert_lease=expert_lease,
+                    return_dict=True,
+                    **kwargs,
+                )
             return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
 
     @torch.no_grad()
@@ -680,7 +740,10 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             candidates = self.routing_candidates(kwargs.get("global_routing_logits"), kwargs.get("routing_candidates"))
             if candidates is not None:
                 kwargs["routing_candidates"] = candidates
-            outputs = super().generate(inputs, routing_record=record, **kwargs)
+            with self.leased_experts(candidates, kwargs.pop("expert_lease", None)) as lease:
+                if lease is not None:  # the encoder and every decoding step use the experts leased once here
+                    kwargs["expert_lease"] = lease
+                outputs = super().generate(inputs, routing_record=record, **kwargs)
         if record is not None:
             outputs["routing"] = record
         return outputs
@@ -701,6 +764,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         With `push_to_hub=True` the complete folder is pushed once it is written (see `push_to_hub`); `repo_id`
         defaults to the folder's name.
         """
+        self.refuse_offloaded("save_pretrained")
         hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
         target = Path(save_directory)
         if target.is_file():
@@ -732,6 +796,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         The repo then loads by its id with the package (`AutoModel.from_pretrained(repo_id)`) and without it
         (`trust_remote_code=True`). Needs the glider-t5 package (for the card template). Returns the `CommitInfo`.
         """
+        self.refuse_offloaded("push_to_hub")
         return _hub().push_model(self, repo_id, tokenizer=tokenizer, max_shard_size=max_shard_size, **push_kwargs)
 
 
@@ -780,7 +845,7 @@ def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, 
     if not problems:
         experts = model.config.experts
         for path, module in model.named_modules():
-            if not isinstance(module, GliderLinear) or not module.num_experts or module.lora_A.is_meta:
+            if not isinstance(module, GliderLinear) or module.lora_A is None or module.lora_A.is_meta:
                 continue
             for slot, (expert_id, rank) in enumerate(zip(module.expert_ids, module.expert_ranks)):
                 if module.lora_A[slot, rank:].any() or module.lora_B[slot, :, rank:].any():
@@ -802,6 +867,36 @@ def check_loaded_tensors(model: "GliderT5ForConditionalGeneration", info: dict, 
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValueError(f"GliderT5 at {source} does not load: " + "; ".join(problems[:5]) + more + ".")
+
+
+def open_expert_store(model, source: str | os.PathLike, load_kwargs: dict) -> ExpertStore:
+    """The store of an offloaded model's experts: its safetensors files (the folder's, or those `from_pretrained`
+    just downloaded), checked against the shapes its config implies."""
+    subfolder = load_kwargs.get("subfolder") or ""
+    if os.path.isdir(source):
+        folder = Path(source, subfolder)
+        files = weight_files(lambda name: str(folder / name) if (folder / name).is_file() else None, str(folder))
+    else:
+        from transformers.utils import cached_file
+
+        hub = {
+            k: load_kwargs[k]
+            for k in ("cache_dir", "revision", "token", "local_files_only", "proxies")
+            if k in load_kwargs
+        }
+        files = weight_files(
+            lambda name: cached_file(
+                source, name, subfolder=subfolder, _raise_exceptions_for_missing_entries=False, **hub
+            ),
+            str(source),
+        )
+    shapes = {
+        f"{module.module_path}.{kind}": shape
+        for module in model.modules()
+        if isinstance(module, GliderLinear) and module.num_experts
+        for kind, shape in zip(OFFLOADED_TENSORS, module.expert_tensor_shapes())
+    }
+    return ExpertStore(files, shapes, in_memory=model.config.expert_offload == "cpu")
 
 
 def _hub():

@@ -23,6 +23,7 @@ def code_files() -> list[Path]:
         "packaging.py",
         "routing.py",
         "fast_lora.py",
+        "offload.py",
         "experts.py",
         "pipeline_glider.py",
         "embedding.py",

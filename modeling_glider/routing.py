@@ -195,12 +195,10 @@ class GliderLinear(nn.Linear):
         self.expert_ids = [e for e, _, _ in experts]
         self.expert_ranks = [r for _, r, _ in experts]
         self.expert_scalings = [s for _, _, s in experts]
-        num_experts, max_rank = len(experts), max(self.expert_ranks, default=0)
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        if num_experts:
-            lora_A = torch.zeros(num_experts, max_rank, self.in_features, **factory)
-            lora_B = torch.zeros(num_experts, self.out_features, max_rank, **factory)
-            router_gate = torch.zeros(num_experts, self.in_features, **factory)
+        offloaded = self.num_experts and self.config.expert_offload is not None
+        if self.num_experts and not offloaded:
+            lora_A, lora_B, router_gate = (torch.zeros(shape, **factory) for shape in self.expert_tensor_shapes())
             for slot, (expert_id, rank) in enumerate(zip(self.expert_ids, self.expert_ranks)):
                 if tensors is not None:  # ranks zero-padded to the largest rank here
                     A, B, gate = tensors[expert_id]
@@ -209,6 +207,10 @@ class GliderLinear(nn.Linear):
         else:
             for name in ("lora_A", "lora_B", "router_gate"):
                 self.register_parameter(name, None)
+        # Offloaded experts (see `offload.py`): the linear holds the cache's rows only, one per cache slot.
+        for name, shape in zip(("cached_lora_A", "cached_lora_B", "cached_router_gate"), self.expert_tensor_shapes()):
+            rows = torch.zeros(self.config.expert_cache_capacity, *shape[1:], **factory) if offloaded else None
+            self.register_buffer(name, rows, persistent=False)
         # Derived from the config, so not saved; `_init_weights` rebuilds them after a meta-device load.
         device = self.weight.device
         scalings = torch.tensor(self.expert_scalings, dtype=torch.float32, device=device)
@@ -220,6 +222,20 @@ class GliderLinear(nn.Linear):
         # Config-derived shortcuts of the fast path: one scaling for all experts; the global logits need no selection.
         self.uniform_scaling = self.expert_scalings[0] if len(set(self.expert_scalings)) == 1 else None
         self.routes_all_experts = self.expert_ids == list(range(len(self.config.experts)))
+
+    def expert_tensor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The shapes of the stacked `lora_A`, `lora_B` and `router_gate` that the config implies for this linear."""
+        num_experts, max_rank = len(self.expert_ids), max(self.expert_ranks, default=0)
+        return (
+            (num_experts, max_rank, self.in_features),
+            (num_experts, self.out_features, max_rank),
+            (num_experts, self.in_features),
+        )
+
+    def expert_slot_of(self, expert_id: int) -> int | None:
+        """The slot of expert `expert_id` (the model's numbering) in this linear's stacked tensors, None if it adapts
+        none."""
+        return self.expert_ids.index(expert_id) if expert_id in self.expert_ids else None
 
     def expert_slots(self) -> torch.Tensor:
         """Expert id (the model's numbering) -> its slot in this linear's stacked tensors, -1 where it adapts none."""
@@ -237,6 +253,11 @@ class GliderLinear(nn.Linear):
 
     def expert_tensors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Expert id -> this linear's unpadded `(A [r, d_in], B [d_out, r], gate [d_in])` of that expert."""
+        if self.config.expert_offload is not None:
+            raise ValueError(
+                f"{self.module_path}: the experts are offloaded (expert_offload={self.config.expert_offload!r}); load "
+                "the model without expert_offload to read or change them."
+            )
         return {
             expert_id: (self.lora_A[slot, :rank], self.lora_B[slot, :, :rank], self.router_gate[slot])
             for slot, (expert_id, rank) in enumerate(zip(self.expert_ids, self.expert_ranks))
@@ -252,19 +273,46 @@ class GliderLinear(nn.Linear):
         global_routing_logits: torch.Tensor | None = None,
         routing_record: RoutingRecord | None = None,
         routing_candidates: torch.Tensor | None = None,
+        expert_lease=None,
     ) -> torch.Tensor:
         y = super().forward(x)
         if not self.num_experts:
             return y
         implementation = self.lora_implementation(x.shape[:-1].numel())
-        weights, indices = self.route(x, global_routing_logits, routing_candidates)
+        lora_A, lora_B, gates, rows = self.expert_storage(expert_lease)
+        weights, indices = self.route(x, global_routing_logits, routing_candidates, gates, rows)
         if routing_record is not None:
             routing_record.add(self.module_path, weights, self.expert_index[indices])
         if implementation == "dense":
-            return y + self.mixture_of_lora(x, weights, indices)
+            if rows is not None:  # every expert of this linear: the ones not leased have weight 0
+                lora_A, lora_B = lora_A.index_select(0, rows.clamp(min=0)), lora_B.index_select(0, rows.clamp(min=0))
+            return y + self.mixture_of_lora(x, weights, indices, lora_A, lora_B)
         scaling = self.uniform_scaling if self.uniform_scaling is not None else self.lora_scaling[indices]
         mixture = gathered_mixture_of_lora if implementation == "gather" else grouped_mixture_of_lora
-        return mixture(y, x, (weights * scaling).to(x.dtype), indices, self.lora_A, self.lora_B)
+        return mixture(y, x, (weights * scaling).to(x.dtype), self.stored_rows(indices, rows, weights), lora_A, lora_B)
+
+    def expert_storage(self, expert_lease) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The tensors that hold this linear's experts (`lora_A`, `lora_B`, `router_gate`) and, when the experts are
+        offloaded, each expert slot's row in the cache that holds them instead, `[E]` (-1: not leased by this call)."""
+        if self.config.expert_offload is None:
+            return self.lora_A, self.lora_B, self.router_gate, None
+        if expert_lease is None or not expert_lease.active:
+            raise ValueError(
+                f"{self.module_path}: the experts are offloaded, and a routed linear is only called by the model, "
+                "which leases the experts a call may use (expert_lease)."
+            )
+        rows = expert_lease.slots_on(self.weight.device).index_select(0, self.expert_index)
+        return self.cached_lora_A, self.cached_lora_B, self.cached_router_gate, rows
+
+    @staticmethod
+    def stored_rows(slots: torch.Tensor, rows: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
+        """Where the experts at `slots` lie in the tensors of `expert_storage`. A slot that weighs 0 (padding of the
+        candidate path) may name an expert the call did not lease: it reads row 0, which holds finite values."""
+        if rows is None:
+            return slots
+        stored = rows[slots]
+        torch._assert_async(((stored >= 0) | (weights == 0)).all(), "routed to an expert the call did not lease")
+        return stored.clamp(min=0)
 
     def lora_implementation(self, num_tokens: int) -> str:
         """What computes a call on `num_tokens` tokens: `config.lora_implementation`, "auto" resolved to "gather" up
@@ -274,13 +322,17 @@ class GliderLinear(nn.Linear):
             return "gather" if num_tokens <= AUTO_GATHER_MAX_TOKENS else "grouped"
         return implementation
 
-    def routing_logits(self, x: torch.Tensor, global_routing_logits: torch.Tensor | None) -> torch.Tensor:
+    def routing_logits(
+        self, x: torch.Tensor, global_routing_logits: torch.Tensor | None, gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`local_e(x) + alpha * cos(u, G_e)` over the experts of this linear, fp32 `[batch, tokens, E]`, for input `x`
-        `[batch, tokens, d_in]` and the query's global logits `[batch, all experts]` (None: local only)."""
+        `[batch, tokens, d_in]` and the query's global logits `[batch, all experts]` (None: local only). `gates`: the
+        experts' gates in slot order (default: `router_gate`)."""
+        gates = self.router_gate if gates is None else gates
         if self.config.local_router == "arrow":
-            logits = arrow_logits(x, self.router_gate, self.config.arrow_temperature)
+            logits = arrow_logits(x, gates, self.config.arrow_temperature)
         else:
-            logits = phatgoose_logits(x, phatgoose_gates(self.router_gate))  # no cache of them: it could go stale
+            logits = phatgoose_logits(x, phatgoose_gates(gates))  # no cache of them: it could go stale
         if global_routing_logits is not None:
             global_logits = global_routing_logits.to(x.device)
             if not self.routes_all_experts:
@@ -293,15 +345,21 @@ class GliderLinear(nn.Linear):
         x: torch.Tensor,
         global_routing_logits: torch.Tensor | None,
         routing_candidates: torch.Tensor | None = None,
+        gates: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and local expert indices per token, `[batch, tokens, k]` (see `glider_routing_weights`).
 
         With `config.router_candidates` set and a global term, only the query's candidates (`routing_candidates`, from
         `candidate_experts`; computed here if not given) that adapt this linear are scored; slots of candidates that
-        do not adapt it weigh 0 and point at slot 0."""
+        do not adapt it weigh 0 and point at slot 0. `gates` and `rows`: where the gates lie (`expert_storage`)."""
         config = self.config
+        gates = self.router_gate if gates is None else gates
         if config.router_candidates is None or global_routing_logits is None:
-            logits = self.routing_logits(x, global_routing_logits)
+            if rows is not None:  # offloaded: every expert of this linear was leased
+                torch._assert_async((rows >= 0).all(), "a call routing among all experts did not lease them all")
+                gates = gates.index_select(0, rows.clamp(min=0))
+            logits = self.routing_logits(x, global_routing_logits, gates)
             reference = config.routing_compatibility == "reference"
             return glider_routing_weights(logits, None, config.router_top_k, config.router_top_p, reference)
         global_logits = global_routing_logits.to(x.device)
@@ -312,7 +370,8 @@ class GliderLinear(nn.Linear):
         selectable = slots >= 0
         slots = slots.clamp(min=0)
         batch, width = slots.shape
-        gates = self.router_gate.index_select(0, slots.reshape(-1)).view(batch, width, self.in_features)
+        stored = slots if rows is None else rows[slots].clamp(min=0)  # candidates of this linear are leased
+        gates = gates.index_select(0, stored.reshape(-1)).view(batch, width, self.in_features)
         if config.local_router == "arrow":
             logits = (x.float() @ gates.float().transpose(1, 2)).abs() / config.arrow_temperature
         else:
@@ -326,13 +385,23 @@ class GliderLinear(nn.Linear):
         weights = torch.where(picked_selectable, weights, 0.0)
         return weights, slots[:, None, :].expand_as(logits).gather(-1, picked)
 
-    def mixture_of_lora(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """sum_e w_e s_e B_e A_e x. Reference path: every expert is computed, unselected ones with w_e = 0."""
+    def mixture_of_lora(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        lora_A: torch.Tensor | None = None,
+        lora_B: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sum_e w_e s_e B_e A_e x. Reference path: every expert is computed, unselected ones with w_e = 0. `lora_A`,
+        `lora_B`: the experts' tensors in slot order (default: this linear's own)."""
+        lora_A = self.lora_A if lora_A is None else lora_A
+        lora_B = self.lora_B if lora_B is None else lora_B
         dense_weights = torch.zeros(*weights.shape[:-1], self.num_experts, device=x.device)
         # scatter_add: slots weighing 0 may repeat a selected slot (candidates that do not adapt this linear)
         dense_weights = dense_weights.scatter_add(-1, indices, weights) * self.lora_scaling
-        hidden = torch.einsum("btd,erd->bter", x, self.lora_A.to(x.dtype))
-        return torch.einsum("bter,bte,eor->bto", hidden, dense_weights.to(x.dtype), self.lora_B.to(x.dtype))
+        hidden = torch.einsum("btd,erd->bter", x, lora_A.to(x.dtype))
+        return torch.einsum("bter,bte,eor->bto", hidden, dense_weights.to(x.dtype), lora_B.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.num_experts}, max_rank={max(self.expert_ranks, default=0)}"
