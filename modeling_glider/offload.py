@@ -116,6 +116,8 @@ class ExpertStore:
             raise ValueError("The expert library cannot be offloaded: " + "; ".join(problems[:5]) + more + ".")
         self.entries = {key: entries[key] for key in shapes}
         self.descriptors = {path: os.open(path, os.O_RDONLY) for path in files}
+        # a file rewritten in place (not replaced by a rename) would serve other bytes than the ones checked here
+        self.stamps = {path: self._stamp(descriptor) for path, descriptor in self.descriptors.items()}
         self.tensors = None
         if in_memory:
             pin = torch.cuda.is_available()  # page-locked host memory: copies to the accelerator run asynchronously
@@ -126,6 +128,11 @@ class ExpertStore:
     def _read(self, key: str, first: int, count: int) -> torch.Tensor:
         """Rows `first` to `first + count` (along the expert dimension) of the stored tensor `key`, as it is stored."""
         entry = self.entries[key]
+        if self._stamp(self.descriptors[entry.file]) != self.stamps[entry.file]:
+            raise ValueError(
+                f"{entry.file} was rewritten since the model was loaded (its size or modification time changed), so "
+                f"{key} may no longer be what was loaded: load the model again."
+            )
         row_bytes = torch.Size(entry.shape[1:]).numel() * entry.dtype.itemsize
         data = torch.empty(count * row_bytes, dtype=torch.uint8)
         read = os.preadv(self.descriptors[entry.file], [data.numpy()], entry.offset + first * row_bytes)
@@ -140,8 +147,13 @@ class ExpertStore:
     def file_of(self, key: str) -> Path:
         return self.entries[key].file
 
+    @staticmethod
+    def _stamp(descriptor: int) -> tuple[int, int]:
+        stat = os.fstat(descriptor)
+        return stat.st_size, stat.st_mtime_ns
+
     def close(self) -> None:
-        for descriptor in self.descriptors.values():
+        for descriptor in getattr(self, "descriptors", {}).values():  # none if the files were refused
             os.close(descriptor)
         self.descriptors = {}
 
