@@ -258,9 +258,11 @@ def test_broken_files_are_refused_at_load_naming_the_folder(library, tmp_path, o
     assert digest(folder) == before
 
 
-def test_a_sharded_model_is_served(library):
-    reference = load(library[0], offload=None)
-    model = load(library[2])
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+@pytest.mark.parametrize("implementation", ["dense", "gather", "grouped"])
+def test_a_sharded_model_is_served(library, offload, implementation):
+    reference = load(library[0], offload=None, lora_implementation=implementation)
+    model = load(library[2], offload, lora_implementation=implementation)
     for near in QUERY:
         assert_close_scaled(logits(model, near), logits(reference, near))
 
@@ -549,3 +551,28 @@ def test_a_call_inside_a_call_that_cannot_get_rows_is_refused_not_a_hang(library
     finally:
         handle.remove()
     assert "expert_cache_size = 2" in str(inner.get("error")), inner
+
+
+def test_calls_at_once_on_a_cache_of_one_query_each_end_and_answer_right(library):
+    """Four threads alternate the two groups of experts on a cache that holds one group: each call waits its turn."""
+    model, reference = load(library[0], size=2), load(library[0], offload=None)
+    expected = {near: logits(reference, near) for near in QUERY}
+    answers, errors = [], []
+
+    def serve(first: int):
+        try:
+            for step in range(3):
+                near = list(QUERY)[(first + step) % 2]
+                answers.append((near, logits(model, near)))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads) and not errors, errors
+    assert len(answers) == 12
+    for near, got in answers:
+        assert_close_scaled(got, expected[near])
