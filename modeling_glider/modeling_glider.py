@@ -46,7 +46,7 @@ from transformers.models.t5.modeling_t5 import (
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .offload import OFFLOADED_TENSORS, ExpertCache, ExpertStore, weight_files
+from .offload import OFFLOADED_TENSORS, ExpertCache, ExpertLease, ExpertStore, weight_files
 from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
 from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord, candidate_experts
@@ -537,7 +537,9 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
         candidates, or every expert; yields the lease (None when the experts are not offloaded). A lease given (by
         `generate`, to its decoding steps) must be one of this model's running calls."""
         if self.expert_cache is None or lease is not None:
-            if lease is not None and (lease.cache is not self.expert_cache or not lease.active):
+            if lease is not None and (
+                not isinstance(lease, ExpertLease) or lease.cache is not self.expert_cache or not lease.active
+            ):
                 raise ValueError(
                     "expert_lease must be the lease of a running call of this model (generate passes its own to the "
                     "decoding steps); do not pass one."
@@ -550,7 +552,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             why = (
                 "router_candidates is not set"
                 if self.config.router_candidates is None
-                else "no query has a global term"
+                else "no query has an instruction embedding (or alpha is 0)"
             )
             why += ": every expert"
         else:
@@ -574,7 +576,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
 
         with self.library_lock.changing("add_expert"):
             self.refuse_offloaded("add_expert")
-        add_expert(self, expert)
+            add_expert(self, expert)
 
     def remove_expert(self, name: str) -> None:
         """Remove the expert called `name` from the library, in place; the later experts move up one index."""
@@ -582,7 +584,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
 
         with self.library_lock.changing("remove_expert"):
             self.refuse_offloaded("remove_expert")
-        remove_expert(self, name)
+            remove_expert(self, name)
 
     def global_routing_logits(
         self, instruction_embeddings: torch.Tensor, batch_size: int | None = None

@@ -116,6 +116,8 @@ class ExpertStore:
             raise ValueError("The expert library cannot be offloaded: " + "; ".join(problems[:5]) + more + ".")
         self.entries = {key: entries[key] for key in shapes}
         self.descriptors = {path: os.open(path, os.O_RDONLY) for path in files}
+        # a file rewritten in place (not replaced by a rename) would serve other bytes than the ones checked here
+        self.stamps = {path: self._stamp(descriptor) for path, descriptor in self.descriptors.items()}
         self.tensors = None
         if in_memory:
             pin = torch.cuda.is_available()  # page-locked host memory: copies to the accelerator run asynchronously
@@ -126,6 +128,11 @@ class ExpertStore:
     def _read(self, key: str, first: int, count: int) -> torch.Tensor:
         """Rows `first` to `first + count` (along the expert dimension) of the stored tensor `key`, as it is stored."""
         entry = self.entries[key]
+        if self._stamp(self.descriptors[entry.file]) != self.stamps[entry.file]:
+            raise ValueError(
+                f"{entry.file} was rewritten since the model was loaded (its size or modification time changed), so "
+                f"{key} may no longer be what was loaded: load the model again."
+            )
         row_bytes = torch.Size(entry.shape[1:]).numel() * entry.dtype.itemsize
         data = torch.empty(count * row_bytes, dtype=torch.uint8)
         read = os.preadv(self.descriptors[entry.file], [data.numpy()], entry.offset + first * row_bytes)
@@ -140,8 +147,13 @@ class ExpertStore:
     def file_of(self, key: str) -> Path:
         return self.entries[key].file
 
+    @staticmethod
+    def _stamp(descriptor: int) -> tuple[int, int]:
+        stat = os.fstat(descriptor)
+        return stat.st_size, stat.st_mtime_ns
+
     def close(self) -> None:
-        for descriptor in self.descriptors.values():
+        for descriptor in getattr(self, "descriptors", {}).values():  # none if the files were refused
             os.close(descriptor)
         self.descriptors = {}
 
@@ -181,6 +193,7 @@ class ExpertCache:
         self.last_used = [0] * capacity
         self.clock = 0
         self.condition = threading.Condition()
+        self.local = threading.local()  # how many leases each thread holds (a call inside a call)
 
     def __deepcopy__(self, memo):  # a copy of the model starts with an empty cache of its own over the same store
         copy = ExpertCache(self.capacity)
@@ -217,6 +230,13 @@ class ExpertCache:
                 missing[:] = [e for e in experts if e not in self.expert_in]
                 return len(self._evictable(wanted)) >= len(missing)
 
+            if getattr(self.local, "leases", 0) and not room_for_the_missing():
+                # the rows this call waits for may be those its own thread's outer call holds: it would wait forever
+                raise ValueError(
+                    f"This call, made inside another call of the model, needs {len(missing)} experts read into the "
+                    f"cache ({why}), but expert_cache_size = {self.capacity} and the outer call holds the rows: raise "
+                    "expert_cache_size, or make the call after the outer one."
+                )
             self.condition.wait_for(room_for_the_missing)
             held = [self.expert_in.index(e) for e in experts if e in self.expert_in]
             victims = self._evictable(wanted)[: len(missing)]
@@ -239,9 +259,11 @@ class ExpertCache:
                 self.last_used[row] = self.clock
                 slots[self.expert_in[row]] = row
         lease = ExpertLease(self, slots.to(device))
+        self.local.leases = getattr(self.local, "leases", 0) + 1
         try:
             yield lease
         finally:
+            self.local.leases -= 1
             lease.active = False
             with self.condition:
                 for row in held:
@@ -271,11 +293,13 @@ class ExpertCache:
                     )
                 tensors[kind] = tensor
             rank = linear.expert_ranks[slot]
-            if tensors["lora_A"][rank:].any() or tensors["lora_B"][:, rank:].any():
-                raise ValueError(
-                    f"expert {linear.config.experts[expert]['name']!r} at {linear.module_path} has rank {rank} in "
-                    f"config.json (r, rank_pattern), but {self.store.file_of(key)} holds values beyond rank {rank}"
-                )
+            for kind, beyond in (("lora_A", tensors["lora_A"][rank:]), ("lora_B", tensors["lora_B"][:, rank:])):
+                if beyond.any():  # named by its own key and file: a linear's tensors may lie in different shards
+                    key = f"{linear.module_path}.{kind}"
+                    raise ValueError(
+                        f"expert {linear.config.experts[expert]['name']!r}: {key} in {self.store.file_of(key)} holds "
+                        f"values beyond rank {rank}, its rank in config.json (r, rank_pattern)"
+                    )
             linear.cached_lora_A[row].copy_(tensors["lora_A"])
             linear.cached_lora_B[row].copy_(tensors["lora_B"])
             linear.cached_router_gate[row].copy_(tensors["router_gate"])
