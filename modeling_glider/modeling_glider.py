@@ -46,7 +46,7 @@ from transformers.models.t5.modeling_t5 import (
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
-from .offload import OFFLOADED_TENSORS, ExpertCache, ExpertLease, ExpertStore, weight_files
+from .offload import OFFLOADED_TENSORS, ExpertCache, ExpertLease, ExpertStore, checked_expert_tensors, weight_files
 from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
 from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord, candidate_experts
@@ -898,7 +898,13 @@ def open_expert_store(model, source: str | os.PathLike, load_kwargs: dict) -> Ex
         if isinstance(module, GliderLinear) and module.num_experts
         for kind, shape in zip(OFFLOADED_TENSORS, module.expert_tensor_shapes())
     }
-    return ExpertStore(files, shapes, in_memory=model.config.expert_offload == "cpu")
+    store = ExpertStore(files, shapes, in_memory=model.config.expert_offload == "cpu")
+    if store.tensors is not None:  # in memory now: checked now, as a model loaded whole is
+        for module in model.modules():
+            if isinstance(module, GliderLinear):
+                for slot, expert in enumerate(module.expert_ids):
+                    checked_expert_tensors(store, module, expert, slot)
+    return store
 
 
 def _hub():

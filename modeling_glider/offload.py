@@ -276,30 +276,33 @@ class ExpertCache:
         return sorted(rows, key=lambda row: (self.expert_in[row] is not None, self.last_used[row]))
 
     def _read_expert(self, linears: list, expert: int, row: int) -> None:
-        """Read expert `expert`'s tensors at every routed linear it adapts into cache row `row`, checking what the
-        files hold: finite values, nothing beyond the expert's rank."""
+        """Read expert `expert`'s tensors at every routed linear it adapts into cache row `row`."""
         for linear in linears:
             slot = linear.expert_slot_of(expert)
-            if slot is None:
-                continue
-            tensors = {}
-            for kind in OFFLOADED_TENSORS:
-                key = f"{linear.module_path}.{kind}"
-                tensor = self.store.read(key, slot)
-                if not torch.isfinite(tensor).all():
-                    raise ValueError(
-                        f"expert {linear.config.experts[expert]['name']!r}: {key} in {self.store.file_of(key)} holds "
-                        "NaN or inf"
-                    )
-                tensors[kind] = tensor
-            rank = linear.expert_ranks[slot]
-            for kind, beyond in (("lora_A", tensors["lora_A"][rank:]), ("lora_B", tensors["lora_B"][:, rank:])):
-                if beyond.any():  # named by its own key and file: a linear's tensors may lie in different shards
-                    key = f"{linear.module_path}.{kind}"
-                    raise ValueError(
-                        f"expert {linear.config.experts[expert]['name']!r}: {key} in {self.store.file_of(key)} holds "
-                        f"values beyond rank {rank}, its rank in config.json (r, rank_pattern)"
-                    )
-            linear.cached_lora_A[row].copy_(tensors["lora_A"])
-            linear.cached_lora_B[row].copy_(tensors["lora_B"])
-            linear.cached_router_gate[row].copy_(tensors["router_gate"])
+            if slot is not None:
+                A, B, gate = checked_expert_tensors(self.store, linear, expert, slot)
+                linear.cached_lora_A[row].copy_(A)
+                linear.cached_lora_B[row].copy_(B)
+                linear.cached_router_gate[row].copy_(gate)
+
+
+def checked_expert_tensors(store: ExpertStore, linear, expert: int, slot: int) -> list[torch.Tensor]:
+    """Expert `expert`'s `lora_A`, `lora_B` and `router_gate` at `linear` (its `slot` there) as the store holds them,
+    refused unless finite and zero beyond the expert's rank (what `from_pretrained` checks of a model in memory)."""
+    name = linear.config.experts[expert]["name"]
+    tensors = []
+    for kind in OFFLOADED_TENSORS:
+        key = f"{linear.module_path}.{kind}"
+        tensor = store.read(key, slot)
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"expert {name!r}: {key} in {store.file_of(key)} holds NaN or inf")
+        tensors.append(tensor)
+    rank = linear.expert_ranks[slot]
+    for kind, beyond in (("lora_A", tensors[0][rank:]), ("lora_B", tensors[1][:, rank:])):
+        if beyond.any():  # named by its own key and file: a linear's tensors may lie in different shards
+            key = f"{linear.module_path}.{kind}"
+            raise ValueError(
+                f"expert {name!r}: {key} in {store.file_of(key)} holds values beyond rank {rank}, its rank in "
+                "config.json (r, rank_pattern)"
+            )
+    return tensors

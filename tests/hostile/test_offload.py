@@ -149,7 +149,19 @@ BAD_EXPERTS = {
 }
 
 
-@pytest.mark.parametrize("offload", ["disk", "cpu"])
+@pytest.mark.parametrize("case", list(BAD_EXPERTS))
+def test_cpu_offload_refuses_a_bad_expert_at_load(library, tmp_path, case):
+    """ "cpu" reads every expert at load: checked there, as a model loaded whole is."""
+    folder = copy_of(library[0], tmp_path)
+    change, message = BAD_EXPERTS[case]
+    tamper(folder, change)
+    before = digest(folder)
+    with pytest.raises(ValueError, match=message):
+        load(folder, "cpu")
+    assert digest(folder) == before
+
+
+@pytest.mark.parametrize("offload", ["disk"])
 @pytest.mark.parametrize("case", list(BAD_EXPERTS))
 def test_a_bad_expert_is_reported_by_the_call_that_needs_it(library, tmp_path, offload, case):
     folder = copy_of(library[0], tmp_path)
