@@ -262,3 +262,27 @@ def test_bench_scale_quick_reports_the_library_it_built(tmp_path):
             assert f"| {experts} | {row['dtype']} | " in table
             rows += 1
     assert rows == 2
+
+
+def test_bench_offload_quick_serves_from_the_files_what_the_candidates_name(tmp_path):
+    """`benchmarks/bench_offload.py --quick`: the plain T5, the offloaded and the in-memory GliderT5 serve in fresh
+    processes; the offloaded one holds exactly the experts its batches' candidates name, and the byte counts match
+    the dimensions counted here."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_offload.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_offload_quick.json").read_text())
+    assert report["command"] in (tmp_path / "bench_offload_quick.md").read_text()
+    s = report["setup"]
+    d, f, layers, r = s["d_model"], s["d_ff"], s["num_layers"], s["rank"]
+    linears = [(d, d)] * (12 * layers) + [(d, f), (f, d)] * (2 * layers)
+    per_expert = sum(r * (d_in + d_out) + d_in for d_in, d_out in linears) * 2  # bf16
+    plain, disk, memory = (
+        next(row for row in report["results"] if row["offload"] == o) for o in ("base", "disk", "none")
+    )
+    assert disk["bytes_per_expert"] == memory["bytes_per_expert"] == per_expert
+    assert plain["base_bytes"] == disk["base_bytes"] == memory["base_bytes"]
+    assert 0 < disk["used_experts"] == memory["used_experts"] == disk["resident_experts"] <= 40 < s["experts"]
+    assert memory["resident_experts"] == s["experts"]
