@@ -531,21 +531,19 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
                 f"{self.config.expert_offload!r}: load it without expert_offload for that."
             )
 
-    @contextmanager
     def leased_experts(self, routing_candidates: torch.Tensor | None, lease=None):
         """With offloaded experts (`offload.py`), lease from the cache the experts this call may use: its queries'
-        candidates, or every expert; yields the lease (None when the experts are not offloaded). A lease given (by
-        `generate`, to its decoding steps) must be one of this model's running calls."""
+        candidates, or every expert; a context that yields the lease (None when the experts are not offloaded). A
+        lease given (by `generate`, to its decoding steps) must be one of this model's running calls."""
+        if lease is not None and (
+            not isinstance(lease, ExpertLease) or lease.cache is not self.expert_cache or not lease.active
+        ):
+            raise ValueError(
+                "expert_lease must be the lease of a running call of this model (generate passes its own to the "
+                "decoding steps); do not pass one."
+            )
         if self.expert_cache is None or lease is not None:
-            if lease is not None and (
-                not isinstance(lease, ExpertLease) or lease.cache is not self.expert_cache or not lease.active
-            ):
-                raise ValueError(
-                    "expert_lease must be the lease of a running call of this model (generate passes its own to the "
-                    "decoding steps); do not pass one."
-                )
-            yield lease
-            return
+            return nullcontext(lease)  # a plain context: compiled decoding steps trace through it
         num_experts = len(self.config.experts)
         if routing_candidates is None:
             experts = list(range(num_experts))
@@ -561,8 +559,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             if len(experts) == num_experts > self.config.router_candidates:
                 why += "; a query without an instruction embedding (or with alpha 0) may use every expert"
         linears = [m for m in self.modules() if isinstance(m, GliderLinear) and m.num_experts]
-        with self.expert_cache.lease(linears, experts, num_experts, self.device, why) as lease:
-            yield lease
+        return self.expert_cache.lease(linears, experts, num_experts, self.device, why)
 
     def add_expert(self, expert: str | os.PathLike) -> None:
         """Add one expert (a directory or a Hub repo id) to the library, in place, without touching the other experts.
@@ -688,26 +685,30 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             routing_candidates = self.routing_candidates(global_routing_logits, routing_candidates)
             if output_routing and routing_record is None:
                 routing_record = RoutingRecord()
-            with self.leased_experts(routing_candidates, expert_lease) as expert_lease:
-                outputs = super().forward(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    decoder_input_ids=decoder_input_ids,
-                    decoder_attention_mask=decoder_attention_mask,
-                    encoder_outputs=encoder_outputs,
-                    cache=cache,
-                    inputs_embeds=inputs_embeds,
-                    decoder_inputs_embeds=decoder_inputs_embeds,
-                    labels=labels,
-                    use_cache=use_cache,
-                    global_routing_logits=global_routing_logits,
-                    routing_candidates=routing_candidates,
-                    routing_record=routing_record,
-                    expert_lease=expert_lease,
-                    return_dict=True,
-                    **kwargs,
-                )
-            return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
+            arguments = dict(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                encoder_outputs=encoder_outputs,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                global_routing_logits=global_routing_logits,
+                routing_candidates=routing_candidates,
+                routing_record=routing_record,
+                return_dict=True,
+                **kwargs,
+            )
+            lease_context = self.leased_experts(routing_candidates, expert_lease)
+            if self.expert_cache is None:  # no second context: Dynamo (torch 2.13) fails on it in a compiled decoding step
+                outputs = super().forward(**arguments, expert_lease=None)
+            else:
+                with lease_context as expert_lease:
+                    outputs = super().forward(**arguments, expert_lease=expert_lease)
+        return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
 
     @torch.no_grad()
     def generate(
