@@ -50,7 +50,7 @@ from .offload import OFFLOADED_TENSORS, ExpertCache, ExpertLease, ExpertStore, c
 from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
 from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord, candidate_experts
-from .staging import all_but_weights, replaced_folder
+from .staging import all_but_weights, replaced_folder, with_default_modes
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
     from .configuration_glider import GliderConfig
@@ -785,6 +785,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
                 if wrote:
                     for source in code_files():
                         shutil.copyfile(source, staging / source.name)
+                    with_default_modes(staging)
         if push_to_hub and wrote:
             repo_id = hub_kwargs.pop("repo_id", target.name)
             _hub().push_folder(save_directory, repo_id, **hub_kwargs)

@@ -39,6 +39,22 @@ def publish(staging: Path, target: Path) -> None:
     os.replace(staging, target)
 
 
+def with_default_modes(folder: Path) -> None:
+    """Give every file in `folder` the mode a new file gets there (0666 less the umask): writers that stage through
+    private temporary files (safetensors weights from Transformers) would leave a saved model readable by its owner
+    alone on a shared machine."""
+    probe = _sibling(folder / "mode")
+    with open(probe, "x"):
+        pass
+    try:
+        mode = stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.unlink()
+    for entry in folder.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, mode)
+
+
 def missing_parents(target: Path) -> list[Path]:
     """The folders above `target` that do not exist yet, deepest first: what making `target` would create."""
     return [parent for parent in (target.parent, *target.parent.parents) if not parent.exists()]

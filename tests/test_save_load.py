@@ -1,6 +1,7 @@
 """Saving and loading: Transformers' own loaders, in this process and in a fresh one without the packages."""
 
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -59,6 +60,22 @@ def test_only_safetensors_and_code_are_written(saved_model):
     assert "model.safetensors" in names and "config.json" in names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
     assert {"configuration_glider.py", "modeling_glider.py", "routing.py", "pipeline_glider.py"} <= set(names)
+
+
+def test_saved_files_get_the_mode_of_any_new_file(saved_model, tmp_path):
+    """Not private to their owner (Transformers stages the weights through a 0600 temporary file): every file the
+    save wrote has the mode a file made here gets, whatever the umask."""
+    model, folder, _, _ = saved_model
+    (tmp_path / "plain").touch()
+    default = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert {stat.S_IMODE((folder / "model.safetensors").stat().st_mode)} == {default}
+    previous = os.umask(0o027)
+    try:
+        model.save_pretrained(tmp_path / "group")
+    finally:
+        os.umask(previous)
+    modes = {entry.name: stat.S_IMODE(entry.stat().st_mode) for entry in (tmp_path / "group").iterdir()}
+    assert set(modes.values()) == {0o640}, modes
 
 
 @pytest.mark.parametrize("loader", [GliderT5ForConditionalGeneration, AutoModelForSeq2SeqLM, AutoModel])
