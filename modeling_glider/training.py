@@ -418,8 +418,10 @@ def train_expert(
     # The main process writes the expert into a folder beside `output_dir`, renamed to it once complete.
     with ExitStack() as stack:
         with _left_as_it_was(base):
-            peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                         target_modules=targets))  # fmt: skip
+            with torch.random.fork_rng(devices=[]):  # `seed` fixes the LoRA initialisation too
+                torch.manual_seed(seed)
+                peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                             target_modules=targets))  # fmt: skip
             try:
                 _fit(peft_model, dataset, tokenizer, steps=steps, learning_rate=learning_rate, warmup=warmup_ratio,
                      description=f"expert-{name}", **fit_kwargs)  # fmt: skip

@@ -346,6 +346,24 @@ def test_instruction_embedding_goes_into_the_trained_expert(tmp_path, word_token
     assert model.config.experts[0]["target_modules"] == ["q", "v"]
 
 
+def test_the_seed_fixes_the_expert(tmp_path, word_tokenizer):
+    """Two trainings with one seed give one expert (its LoRA initialisation included, whatever the global random
+    state before), another seed another one."""
+    base = word_base(seed=3)
+    experts = {}
+    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
+        torch.manual_seed(1000 + len(experts))  # the global state differs before each run
+        directory = train_expert(
+            base, task_rows(FRUITS, seed=0, n=4), tmp_path / run, name="fruit", tokenizer=word_tokenizer, r=2,
+            target_modules=["q", "v"], steps=1, train_gates_after=False, seed=seed, trainer_args=QUIET,
+        )  # fmt: skip
+        experts[run] = load_file(directory / "adapter_model.safetensors")
+    for key, tensor in experts["a"].items():
+        scale = tensor.abs().max().item()
+        torch.testing.assert_close(experts["b"][key], tensor, atol=1e-6 * scale, rtol=1e-6)
+    assert any((experts["c"][key] - tensor).abs().max() > 1e-3 for key, tensor in experts["a"].items())
+
+
 def test_gates_train_the_same_over_two_processes(tmp_path, word_tokenizer):
     """`torchrun` with two CPU processes (gloo): each takes half of the one batch, DDP averages the gradients, and the
     main process alone writes the gates, which equal Adam's first step on the reference gradient of the whole batch."""
