@@ -72,7 +72,7 @@ class ReferenceLoopLinear(nn.Linear):
         self.input_layer_norm = nn.LayerNorm(self.in_features, eps=ROUTER_LAYER_NORM_EPS, elementwise_affine=False)
         self.routing_counter = torch.zeros(self.num_experts, dtype=torch.long)
 
-    def forward(self, x, global_routing_logits=None, routing_record=None, routing_candidates=None):
+    def forward(self, x, global_routing_logits=None, routing_record=None, routing_candidates=None, expert_lease=None):
         if routing_candidates is not None:
             raise ValueError("The reference loop is rebuilt for routing among every expert (router_candidates=None).")
         out = F.linear(x, self.weight, self.bias)
@@ -96,7 +96,9 @@ class ReferenceLoopLinear(nn.Linear):
         inputs = torch.split(x.reshape(-1, d_in)[token_of_pair], sizes, dim=0)
         outputs = [expert(part) for expert, part in zip(self.experts, inputs)]
         mixed = torch.cat(outputs, dim=0) * pair_weights.to(x.dtype)
-        lora = torch.zeros(batch * length, self.out_features, dtype=mixed.dtype).index_add(0, token_of_pair, mixed)
+        lora = torch.zeros(batch * length, self.out_features, dtype=mixed.dtype, device=x.device).index_add(
+            0, token_of_pair, mixed
+        )
 
         with torch.no_grad():
             self.routing_counter += F.one_hot(expert_of_pair.flatten(), self.num_experts).sum(dim=0).cpu()
