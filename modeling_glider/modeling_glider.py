@@ -675,6 +675,9 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             With offloaded experts, the lease of the running `generate` call that makes this decoding step (it passes
             it); a call without one leases its experts itself.
         """
+        # `super()` read outside the `with` blocks: Python 3.11 leaves its `__class__` load out of the exception table
+        # of nested blocks, which Dynamo (torch 2.13) cannot trace, so a decoding step would not compile
+        t5_forward = super().forward
         with self.library_lock.routing():  # the library cannot change while this call routes
             encoder_states = encoder_outputs[0] if encoder_outputs is not None else None
             inputs = (input_ids, inputs_embeds, encoder_states, decoder_input_ids, decoder_inputs_embeds, labels)
@@ -689,7 +692,7 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             if output_routing and routing_record is None:
                 routing_record = RoutingRecord()
             with self.leased_experts(routing_candidates, expert_lease) as expert_lease:
-                outputs = super().forward(
+                outputs = t5_forward(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     decoder_input_ids=decoder_input_ids,
