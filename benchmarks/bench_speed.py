@@ -4,6 +4,7 @@ One command, one process, random weights:
 
     nice -n 0 python benchmarks/bench_speed.py            # t5-base dimensions, E = 8, 36, 166 (k = 2, r = 16)
     python benchmarks/bench_speed.py --quick              # a small smoke run of every code path
+    python benchmarks/bench_speed.py --device cuda --dtype bfloat16 --dims t5-xl --systems base glider
 
 Systems, all sharing one set of weights (base and experts are stored once, so one process holds them all):
 - `base`: the bare `T5ForConditionalGeneration`, the limit;
@@ -19,7 +20,8 @@ interleaved within each repeat so that drift of a shared machine hits all alike.
 
 Memory: `weights` is the bytes of each system's parameters and buffers (shared tensors counted for every system that
 uses them, as if it were alone); `call peak` is the growth of the process's resident set (Linux VmHWM, reset through
-/proc/self/clear_refs after `malloc_trim`) during one run of the workload; `peak = weights + call peak`.
+/proc/self/clear_refs after `malloc_trim`) during one run of the workload; `peak = weights + call peak`. On a GPU the
+call peak is the growth of `torch.cuda.max_memory_allocated` instead (the resident set says nothing of device memory).
 """
 
 import argparse
@@ -82,6 +84,9 @@ class Setup:
     beams: int = 4
     repeats: int = 5
     lora_implementation: str = "auto"
+    systems: tuple[str, ...] = SYSTEMS  # base and glider always; the reference loop and PEFT may be left out
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 FULL = Setup()
@@ -89,6 +94,46 @@ QUICK = Setup(
     d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, vocab_size=256, experts=(4, 16),
     embedding_dim=32, encoder_length=96, prompt_length=16, new_tokens=4, repeats=2,
 )  # fmt: skip
+
+
+# Dimension presets (`--dims`): T5 v1.1 shapes with a gated-gelu FFN; `d256` is the speed issue's small setting.
+DIMS = {
+    "d256": {"d_model": 256, "d_kv": 32, "d_ff": 1024, "num_heads": 8, "num_layers": 4},
+    "t5-small": {"d_model": 512, "d_kv": 64, "d_ff": 2048, "num_heads": 8, "num_layers": 6},
+    "t5-base": {"d_model": 768, "d_kv": 64, "d_ff": 2048, "num_heads": 12, "num_layers": 12},
+    "t5-xl": {"d_model": 2048, "d_kv": 64, "d_ff": 5120, "num_heads": 32, "num_layers": 24},
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued kernels, so that a clock read after it covers them (nothing to wait for on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_device(device: str) -> str | None:
+    """Why `device` cannot run this benchmark (one line), or None when it can."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"--device {device!r} is not a torch device (use cpu or cuda[:N])"
+    if parsed.type not in ("cpu", "cuda"):
+        return f"--device {device!r}: only cpu and cuda are supported"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available to this torch ({torch.__version__}) on this machine"
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def check_placement(model, setup: Setup, what: str) -> None:
+    """Every tensor of `model` is on the setup's device: a stray CPU tensor would fail later, or copy at every call."""
+    kind = torch.device(setup.device).type
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type != kind:
+            raise RuntimeError(f"{what} tensor {name} is on {t.device}, not on {setup.device}")
 
 
 def t5_config(setup: Setup) -> T5Config:
@@ -109,8 +154,11 @@ def t5_config(setup: Setup) -> T5Config:
 
 
 def build_base(setup: Setup, seed: int = 0) -> T5ForConditionalGeneration:
+    """A random T5 on the setup's device in its dtype (initialised there: a t5-xl never passes through CPU memory)."""
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(t5_config(setup)).eval()
+    with torch.device(setup.device):
+        model = T5ForConditionalGeneration(t5_config(setup))
+    return model.to(DTYPES[setup.dtype]).eval()
 
 
 def build_glider(base: T5ForConditionalGeneration, setup: Setup, num_experts: int, seed: int = 0):
@@ -139,11 +187,13 @@ def build_glider(base: T5ForConditionalGeneration, setup: Setup, num_experts: in
             B = torch.randn(E, d_out, r, generator=generator) * 0.5
             gate = torch.randn(E, d_in, generator=generator)
             module.set_experts({e: (A[s], B[s], gate[s]) for s, e in enumerate(module.expert_ids)})
-    glider.global_router.expert_embeddings = torch.randn(num_experts, setup.embedding_dim, generator=generator)
+    embeddings = torch.randn(num_experts, setup.embedding_dim, generator=generator)
+    glider.global_router.expert_embeddings = embeddings.to(setup.device)
     glider.tie_weights()
     leftover = [n for n, t in [*glider.named_parameters(), *glider.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"GliderT5 tensors left unset: {leftover[:5]}")
+    check_placement(glider, setup, "GliderT5")
     return glider.eval().requires_grad_(False)
 
 
@@ -180,22 +230,24 @@ def build_peft(base: T5ForConditionalGeneration, glider: GliderT5ForConditionalG
     leftover = [n for n, p in peft_model.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"PEFT tensors left unset: {leftover[:5]}")
+    check_placement(peft_model, setup, "PEFT")
     return peft_model.eval().requires_grad_(False)
 
 
 def make_inputs(setup: Setup, glider: GliderT5ForConditionalGeneration, seed: int = 1) -> dict:
-    """Token ids and, per query, an instruction embedding close to one expert's: queries of different tasks."""
+    """Token ids and, per query, an instruction embedding close to one expert's: queries of different tasks. Drawn on
+    the CPU (the same values on every device), then moved to the setup's device."""
     generator = torch.Generator().manual_seed(seed)
-    G = glider.global_router.expert_embeddings
+    G = glider.global_router.expert_embeddings.cpu()
     inputs = {}
     for workload, batch, length in [
         ("forward", setup.encoder_batch, setup.encoder_length),
         ("generate", setup.generate_batch, setup.prompt_length),
     ]:
         task = torch.randperm(G.shape[0], generator=generator)[:batch]
-        u = G[task] + 0.5 * torch.randn(batch, G.shape[1], generator=generator)
+        u = (G[task] + 0.5 * torch.randn(batch, G.shape[1], generator=generator)).to(setup.device)
         inputs[workload] = {
-            "input_ids": torch.randint(2, setup.vocab_size, (batch, length), generator=generator),
+            "input_ids": torch.randint(2, setup.vocab_size, (batch, length), generator=generator).to(setup.device),
             "instruction_embeddings": u,
             # PEFT: top-1 per sequence, the expert the global router ranks first
             "adapter_names": [glider.config.expert_names[i] for i in glider.global_routing_logits(u).argmax(-1)],
@@ -214,7 +266,7 @@ def run_workload(system: str, model, workload: str, inputs: dict, setup: Setup, 
         routing = {"adapter_names": data["adapter_names"]}
     if workload == "forward":
         with torch.inference_mode():
-            start = torch.zeros(ids.shape[0], 1, dtype=torch.long)
+            start = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
             return model(input_ids=ids, decoder_input_ids=start, **routing, **extra)
     beams = setup.beams if workload == "beam" else 1
     n = setup.new_tokens
@@ -241,8 +293,16 @@ def _rss_mib() -> tuple[float, float]:
     return tuple(int(re.search(rf"{key}:\s+(\d+)", status)[1]) / 1024 for key in ("VmRSS", "VmHWM"))
 
 
-def call_peak_mib(fn) -> float | None:
-    """Growth of the resident set during `fn()` (MiB), or None where Linux's counters are not available."""
+def call_peak_mib(fn, device: str = "cpu") -> float | None:
+    """Growth of the resident set during `fn()` (MiB), or None where Linux's counters are not available. On a CUDA
+    device: the growth of the device's peak allocated memory above what was allocated before."""
+    if torch.device(device).type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     if _LIBC is None:
         return None
     gc.collect()
@@ -274,10 +334,10 @@ def lora_and_gate_mib(glider) -> float:
     )
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if sys.platform.startswith("linux") else ""
     model_name = re.search(r"Model name:\s+(.+)", lscpu)
-    return {
+    info = {
         "cpu": model_name[1].strip() if model_name else platform.processor(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -285,17 +345,19 @@ def machine() -> dict:
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def bench_library(base, setup: Setup, num_experts: int) -> dict:
     """Time (median seconds) and memory of every system on every workload for one library size."""
     glider = build_glider(base, setup, num_experts)
-    models = {
-        "base": base,
-        "glider": glider,
-        "reference_loop": reference_loop_model(glider),
-        "peft": build_peft(base, glider, setup),
-    }
+    models = {"base": base, "glider": glider}
+    if "reference_loop" in setup.systems:
+        models["reference_loop"] = reference_loop_model(glider)
+    if "peft" in setup.systems:
+        models["peft"] = build_peft(base, glider, setup)
     inputs = make_inputs(setup, glider)
     in_use = {w: experts_in_use(glider, w, inputs, setup) for w in WORKLOADS}  # also builds GliderT5's gate cache
     result = {
@@ -309,13 +371,15 @@ def bench_library(base, setup: Setup, num_experts: int) -> dict:
     for workload in WORKLOADS:
         for system, model in models.items():  # warm-up, and one run each for memory
             result["call_peak_mib"].setdefault(workload, {})[system] = call_peak_mib(
-                lambda m=model, s=system, w=workload: run_workload(s, m, w, inputs, setup)
+                lambda m=model, s=system, w=workload: run_workload(s, m, w, inputs, setup), setup.device
             )
         times = {s: [] for s in models}
         for _ in tqdm(range(setup.repeats), desc=f"E={num_experts} {workload}", leave=False):
             for system, model in models.items():
+                synchronize(setup.device)
                 start = time.perf_counter()
                 run_workload(system, model, workload, inputs, setup)
+                synchronize(setup.device)
                 times[system].append(time.perf_counter() - start)
         result["seconds"][workload] = {s: statistics.median(t) for s, t in times.items()}
         print(
@@ -353,26 +417,30 @@ def ratios(results: list[dict]) -> dict:
 
 def markdown(report: dict) -> str:
     setup, results, summary = report["setup"], report["results"], report["ratios"]
-    systems = SYSTEMS
+    systems = tuple(s for s in SYSTEMS if s in setup.get("systems", SYSTEMS))
+    others = [s for s in ("base", "reference_loop", "peft") if s in systems]
+    gpu = report["machine"].get("gpu")
     lines = [
-        f"Machine: {report['machine']['cpu']} ({report['machine']['cpus']} CPUs), "
+        (f"Device: {gpu} ({setup['device']}). " if gpu else "")
+        + f"Machine: {report['machine']['cpu']} ({report['machine']['cpus']} CPUs), "
         f"{report['machine']['torch_threads']} torch threads, torch "
         f"{report['machine']['torch']}, {report['machine']['date']}. Command: `{report['command']}`.",
         "",
         f"Model: T5 d_model {setup['d_model']}, d_ff {setup['d_ff']} (gated-gelu), {setup['num_heads']} heads, "
         f"{setup['num_layers']}+{setup['num_layers']} layers, vocab {setup['vocab_size']}; every linear adapted, "
-        f"r = {setup['rank']}, k = {setup['top_k']}, alpha = {setup['global_routing_scale']}, fp32. "
+        f"r = {setup['rank']}, k = {setup['top_k']}, alpha = {setup['global_routing_scale']}, "
+        f"{DTYPE_SHORT[setup.get('dtype', 'float32')]}. "
         f"forward: {setup['encoder_batch']} x {setup['encoder_length']} tokens + 1 decoder token; greedy / beam "
         f"{setup['beams']}: {setup['generate_batch']} queries x {setup['prompt_length']} tokens, exactly "
         f"{setup['new_tokens']} new tokens. Medians of {setup['repeats']} runs.",
         "",
         "| E | workload | experts in use per linear call | " + " | ".join(f"{s} (s)" for s in systems)
-        + " | glider/base | glider/reference_loop | glider/peft |",
-        "|---|---|---|" + "---|" * (len(systems) + 3),
+        + " | " + " | ".join(f"glider/{o}" for o in others) + " |",
+        "|---|---|---|" + "---|" * (len(systems) + len(others)),
     ]  # fmt: skip
     for r in results:
         for workload, t in r["seconds"].items():
-            ratio = [f"{t['glider'] / t[o]:.2f}" for o in ("base", "reference_loop", "peft")]
+            ratio = [f"{t['glider'] / t[o]:.2f}" for o in others]
             lines.append(
                 f"| {r['experts']} | {workload} | {r['experts_in_use'][workload]:.1f} | "
                 + " | ".join(f"{t[s]:.3f}" for s in systems) + " | " + " | ".join(ratio) + " |"
@@ -380,11 +448,16 @@ def markdown(report: dict) -> str:
     if summary["growth"]:
         lines += ["", "| growth | ratio |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in summary["growth"].items()]
+    growth = (
+        "the device's peak allocated memory (torch.cuda.max_memory_allocated)"
+        if gpu
+        else "the process's resident set during one run (VmHWM after clear_refs)"
+    )
     lines += [
         "",
         "Memory: parameter and buffer bytes of each system "
         "(shared tensors counted for each system) + the growth of "
-        "the process's resident set during one run (VmHWM after clear_refs).",
+        f"{growth}.",
         "",
         "| E | LoRA+gates (MiB) | workload | " + " | ".join(f"{s} weights+call peak (MiB)" for s in systems)
         + " | glider peak above base / (LoRA+gates) |",
@@ -407,7 +480,7 @@ def run_benchmark(setup: Setup, out_dir: Path | None, name: str = "bench_speed",
     """Run every library size, print the tables and write `<name>.json` and `<name>.md` to `out_dir`."""
     base = build_base(setup)
     results = [bench_library(base, setup, e) for e in setup.experts]
-    report = {"command": command, "machine": machine(), "setup": asdict(setup), "results": results}
+    report = {"command": command, "machine": machine(setup.device), "setup": asdict(setup), "results": results}
     report["ratios"] = ratios(results)
     text = markdown(report)
     print(text)
@@ -422,19 +495,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small dimensions and libraries: a smoke run")
     parser.add_argument("--experts", type=int, nargs="+", help="library sizes E (default: 8 36 166)")
+    parser.add_argument(
+        "--dims", choices=DIMS, help="model dimensions (default: t5-base; with --quick: tiny); --layers overrides"
+    )
     parser.add_argument("--layers", type=int, help="encoder and decoder layers (default: 12, t5-base)")
     parser.add_argument("--repeats", type=int, help="timed runs per system and workload (default: 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--implementation", default="auto", help="GliderT5 lora_implementation (default: auto)")
+    parser.add_argument(
+        "--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS, help="systems to run (base and glider always)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations (default: float32)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     args = parser.parse_args(argv)
+    problem = check_device(args.device)
+    if problem is not None:
+        print(f"bench_speed.py: error: {problem}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     transformers_logging.set_verbosity_error()
-    setup = QUICK if args.quick else FULL
+    setup = replace(QUICK if args.quick else FULL, **DIMS.get(args.dims, {}))
     overrides = {"experts": tuple(args.experts) if args.experts else None, "num_layers": args.layers}
     overrides |= {"repeats": args.repeats, "lora_implementation": args.implementation}
+    overrides |= {"systems": tuple(s for s in SYSTEMS if s in {"base", "glider", *args.systems})}
+    overrides |= {"device": args.device, "dtype": args.dtype}
     setup = replace(setup, **{k: v for k, v in overrides.items() if v is not None})
     name = "bench_speed_quick" if args.quick else "bench_speed"
+    # every setting off the default names its own results file: a GPU or t5-xl run never overwrites the CPU table
+    for value, default in [(args.dims, None), (torch.device(args.device).type, "cpu"), (args.dtype, "float32")]:
+        name += f"_{value}" if value != default else ""
     run_benchmark(
         setup, args.out, name=name, command="python benchmarks/bench_speed.py " + " ".join(argv or sys.argv[1:])
     )

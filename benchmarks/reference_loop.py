@@ -98,7 +98,9 @@ class ReferenceLoopLinear(nn.Linear):
         inputs = torch.split(x.reshape(-1, d_in)[token_of_pair], sizes, dim=0)
         outputs = [expert(part) for expert, part in zip(self.experts, inputs)]
         mixed = torch.cat(outputs, dim=0) * pair_weights.to(x.dtype)
-        lora = torch.zeros(batch * length, self.out_features, dtype=mixed.dtype).index_add(0, token_of_pair, mixed)
+        lora = torch.zeros(batch * length, self.out_features, dtype=mixed.dtype, device=x.device).index_add(
+            0, token_of_pair, mixed
+        )
 
         with torch.no_grad():
             self.routing_counter += F.one_hot(expert_of_pair.flatten(), self.num_experts).sum(dim=0).cpu()

@@ -672,6 +672,9 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             With offloaded experts, the lease of the running `generate` call that makes this decoding step (it passes
             it); a call without one leases its experts itself.
         """
+        # `super()` read outside the `with` blocks: Python 3.11 leaves its `__class__` load out of the exception table
+        # of nested blocks, which Dynamo (torch 2.13) cannot trace, so a decoding step would not compile
+        t5_forward = super().forward
         with self.library_lock.routing():  # the library cannot change while this call routes
             encoder_states = encoder_outputs[0] if encoder_outputs is not None else None
             inputs = (input_ids, inputs_embeds, encoder_states, decoder_input_ids, decoder_inputs_embeds, labels)
@@ -685,30 +688,26 @@ class GliderT5ForConditionalGeneration(GliderT5PreTrainedModel, T5ForConditional
             routing_candidates = self.routing_candidates(global_routing_logits, routing_candidates)
             if output_routing and routing_record is None:
                 routing_record = RoutingRecord()
-            arguments = dict(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                encoder_outputs=encoder_outputs,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                global_routing_logits=global_routing_logits,
-                routing_candidates=routing_candidates,
-                routing_record=routing_record,
-                return_dict=True,
-                **kwargs,
-            )
-            lease_context = self.leased_experts(routing_candidates, expert_lease)
-            if self.expert_cache is None:  # no second context: Dynamo (torch 2.13) fails on it in a compiled decoding step
-                outputs = super().forward(**arguments, expert_lease=None)
-            else:
-                with lease_context as expert_lease:
-                    outputs = super().forward(**arguments, expert_lease=expert_lease)
-        return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
+            with self.leased_experts(routing_candidates, expert_lease) as expert_lease:
+                outputs = t5_forward(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    decoder_input_ids=decoder_input_ids,
+                    decoder_attention_mask=decoder_attention_mask,
+                    encoder_outputs=encoder_outputs,
+                    cache=cache,
+                    inputs_embeds=inputs_embeds,
+                    decoder_inputs_embeds=decoder_inputs_embeds,
+                    labels=labels,
+                    use_cache=use_cache,
+                    global_routing_logits=global_routing_logits,
+                    routing_candidates=routing_candidates,
+                    routing_record=routing_record,
+                    expert_lease=expert_lease,
+                    return_dict=True,
+                    **kwargs,
+                )
+            return GliderSeq2SeqLMOutput(**outputs, routing=routing_record)
 
     @torch.no_grad()
     def generate(

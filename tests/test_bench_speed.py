@@ -3,18 +3,25 @@ reference-loop rebuild equals GliderT5; PEFT's adapters equal GliderT5 routed to
 No timing is asserted."""
 
 import json
+from dataclasses import replace
 
+import pytest
 import torch
+from transformers import T5ForConditionalGeneration
 
 from benchmarks.bench_speed import (
+    DIMS,
+    QUICK,
     SYSTEMS,
     WORKLOADS,
     Setup,
     build_base,
     build_glider,
     build_peft,
+    main,
     make_inputs,
     run_benchmark,
+    t5_config,
 )
 from benchmarks.reference_loop import ReferenceExpert, reference_loop_model
 
@@ -71,3 +78,37 @@ def test_benchmark_runs_every_system_and_writes_its_report(tmp_path):
             assert all(p is not None for p in result["call_peak_mib"][workload].values())
         assert result["weights_mib"]["glider"] - result["weights_mib"]["base"] >= result["lora_and_gates_mib"] > 0
     assert report["ratios"]["growth"]["greedy: glider E=3/E=2"] > 0
+
+
+def test_main_runs_a_preset_in_bfloat16_and_names_its_results(tmp_path):
+    argv = ["--quick", "--dims", "d256", "--layers", "1", "--experts", "4", "--repeats", "1", "--threads", "1"]
+    argv += ["--systems", "base", "glider", "--dtype", "bfloat16", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench_speed_quick_d256_bfloat16.json",
+        "bench_speed_quick_d256_bfloat16.md",
+    ]
+    report = json.loads((tmp_path / "bench_speed_quick_d256_bfloat16.json").read_text())
+    assert report["setup"]["dtype"] == "bfloat16" and report["setup"]["d_model"] == 256
+    with torch.device("meta"):  # the parameter count of the preset, independently of the benchmark's builders
+        reference = T5ForConditionalGeneration(t5_config(replace(QUICK, **(DIMS["d256"] | {"num_layers": 1}))))
+    unique = {id(p): p.numel() for p in reference.parameters()}
+    assert report["results"][0]["weights_mib"]["base"] == pytest.approx(sum(unique.values()) * 2 / 2**20, rel=1e-3)
+    for result in report["results"]:
+        assert all(set(t) == {"base", "glider"} for t in result["seconds"].values())
+    markdown = (tmp_path / "bench_speed_quick_d256_bfloat16.md").read_text()
+    assert "bf16" in markdown and "peft" not in markdown and "glider/base" in markdown
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("cuda", "CUDA is not available"), ("cuda:3", "CUDA is not available"), ("tpu9", "not a torch device")],
+)
+def test_an_unusable_device_is_one_line_error_naming_it(tmp_path, capsys, device, message):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["--quick", "--device", device, "--dtype", "bfloat16", "--dims", "t5-xl", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench_speed.py: error: --device ")
+    assert device in err and message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,54 @@
+"""benchmarks/bench_compile.py at toy sizes with the `eager` backend (tracing, no code generation): every system
+compiles as one graph, its logits are checked against the uncompiled step's, the report is written. No timing is
+asserted."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.bench_compile import SYSTEMS, TINY, TOLERANCE, main, run
+
+
+def test_quick_run_reports_every_system_compiled_and_not(tmp_path):
+    argv = ["--quick", "--backend", "eager", "--repeats", "1", "--calls", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench_compile_quick_eager.json",
+        "bench_compile_quick_eager.md",
+    ]
+    report = json.loads((tmp_path / "bench_compile_quick_eager.json").read_text())
+    assert report["machine"]["cpu"] and report["setting"]["backend"] == "eager"
+    assert report["setting"]["batch"] == 8 and report["setting"]["calls"] == 2
+    assert list(report["systems"]) == list(SYSTEMS)
+    base = report["systems"]["base"]
+    for name, row in report["systems"].items():
+        assert (row["lora_implementation"], row["router_candidates"]) == (SYSTEMS[name] or (None, None))
+        assert row["compile_seconds"] > 0 and row["uncompiled_ms"] > 0 and row["compiled_ms"] > 0
+        assert 0 <= row["compiled_logits_difference"] <= TOLERANCE["float32"]
+        assert row["compiled / compiled base"] == pytest.approx(row["compiled_ms"] / base["compiled_ms"])
+        assert row["uncompiled / uncompiled base"] == pytest.approx(row["uncompiled_ms"] / base["uncompiled_ms"])
+    markdown = (tmp_path / "bench_compile_quick_eager.md").read_text()
+    assert all(f"| {name} |" in markdown for name in SYSTEMS) and "compiled / compiled base" in markdown
+
+
+def test_a_compiled_step_that_changes_the_logits_is_refused():
+    def off_by_one(graph, example_inputs):  # a backend whose graphs return every floating output plus one
+        def call(*args):
+            return [o + 1 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in graph(*args)]
+
+        return call
+
+    try:
+        with pytest.raises(RuntimeError, match="^base: the compiled step's logits differ"):
+            run(TINY, off_by_one, prefill=2, calls=1)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_one_line_error(tmp_path, capsys):
+    assert main(["--quick", "--device", "cuda", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench_compile.py: error: --device cuda: CUDA is not available")
+    assert not any(tmp_path.iterdir())
