@@ -120,7 +120,7 @@ class ExpertStore:
         self.stamps = {path: self._stamp(descriptor) for path, descriptor in self.descriptors.items()}
         self.tensors = None
         if in_memory:
-            pin = torch.cuda.is_available()  # page-locked host memory: copies to the accelerator run asynchronously
+            pin = torch.cuda.is_available()  # page-locked host memory: faster copies to the accelerator
             self.tensors = {key: self._read(key, 0, shape[0]) for key, shape in shapes.items()}
             if pin:
                 self.tensors = {key: tensor.pin_memory() for key, tensor in self.tensors.items()}
