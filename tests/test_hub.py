@@ -310,6 +310,18 @@ def test_load_by_repo_id_with_the_package(hub, tokenizer, pushed, expected):
     assert generator(QUERIES, instruction_embeddings=u, **GENERATION) == answers
 
 
+def test_load_by_repo_id_with_offloaded_experts(hub, tokenizer, pushed, expected):
+    """`expert_offload="disk"` by repo id: the experts are read from the downloaded files, not the repo's folder."""
+    outputs, _ = expected
+    loaded = GliderT5ForConditionalGeneration.from_pretrained("org/glider-t5", expert_offload="disk").eval()
+    assert {path.parent.parent.parent.name for path in loaded.expert_cache.store.descriptors} == {
+        "models--org--glider-t5"
+    }  # the Hub cache's snapshot of the repo
+    for key, tensor in logits(loaded, tokenizer).items():
+        torch.testing.assert_close(tensor, outputs[key], atol=1e-5 * outputs[key].abs().max().item(), rtol=1e-5)
+    assert loaded.expert_cache.resident() == [0, 1, 2]
+
+
 FRESH_INTERPRETER = textwrap.dedent(
     """
     import sys
