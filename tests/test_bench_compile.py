@@ -46,7 +46,7 @@ def test_a_compiled_step_that_changes_the_logits_is_refused():
         torch._dynamo.reset()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA; this one has it")
 def test_cuda_without_a_gpu_is_one_line_error(tmp_path, capsys):
     assert main(["--quick", "--device", "cuda", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

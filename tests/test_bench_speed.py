@@ -106,7 +106,7 @@ def test_main_runs_a_preset_in_bfloat16_and_names_its_results(tmp_path):
 )
 def test_an_unusable_device_is_one_line_error_naming_it(tmp_path, capsys, device, message):
     if device.startswith("cuda") and torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+        pytest.skip("checks the error of a machine without CUDA; this one has it")
     assert main(["--quick", "--device", device, "--dtype", "bfloat16", "--dims", "t5-xl", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench_speed.py: error: --device ")
