@@ -9,8 +9,8 @@
   loop, k LoRA products per token. On CPU, from 8 rows on, where rows share experts (the beams of one query) it reads
   each expert in use once instead. For few tokens, as in the decoding steps.
 - `grouped_mixture_of_lora`: sorts the (token, expert) pairs by expert and runs one matmul pair per expert in use, so
-  each expert's weights are read once however many tokens chose it. For many tokens (the encoder on long inputs),
-  where a loop over the experts in use costs little next to the matmuls.
+  each expert's weights are read once however many tokens chose it. For many tokens (the encoder on long inputs).
+  In fp32 on CPU the pairs are two grouped matmuls (`torch._grouped_mm`); otherwise a loop over the experts in use.
 
 The mixtures take `scaled_weights` (routing weight times the expert's LoRA scaling, in the input's dtype) and
 `indices` `[..., k]` into this linear's stacked, zero-padded `lora_A [E, r, d_in]` and `lora_B [E, d_out, r]`.
@@ -58,6 +58,23 @@ def gathered_mixture_of_lora(
     return y + torch.bmm(hidden, B.transpose(1, 2)).view(*lead, k, d_out).sum(dim=-2)
 
 
+def grouped_mm_applies(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` computes the grouped path: in fp32 on CPU, out of autograd (its CPU backward refuses
+    some gradient layouts) and out of compiled graphs (which accept bf16 only). In bf16/fp16 on CPU it runs one oneDNN
+    matmul per group, and oneDNN keeps a kernel per shape (the process grows with every new group size, measured):
+    the loop below bounds the shapes instead. Other devices: untested, so the loop."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and all(size % 4 == 0 for size in (x.shape[-1], *lora_B.shape[1:]))  # it wants 16-byte strides
+        and all(tensor.data_ptr() % 16 == 0 for tensor in (lora_A, lora_B))
+        and not needs_grad
+        and not torch.compiler.is_compiling()
+    )
+
+
 def grouped_mixture_of_lora(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -67,7 +84,7 @@ def grouped_mixture_of_lora(
     lora_B: torch.Tensor,
 ) -> torch.Tensor:
     """`y` plus, per token, the sum over its k experts of w s B A x: one matmul pair per expert in use, on the tokens
-    that chose it, added into `y` in place one expert at a time (no `[tokens k, d_out]` intermediate)."""
+    that chose it, added into `y` in place (no `[tokens k, d_out]` intermediate in the loop)."""
     d_in, k = x.shape[-1], indices.shape[-1]
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
@@ -75,6 +92,12 @@ def grouped_mixture_of_lora(
     weights = scaled_weights.reshape(-1).index_select(0, order)[:, None]
     x, out = x.reshape(-1, d_in), y.view(-1, y.shape[-1])
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if grouped_mm_applies(x, lora_A, lora_B):
+        # Every expert's matmul pair in one grouped matmul each (groups: the experts' runs of pairs, empty ones
+        # included): a dozen operators whatever the number of experts in use, and no wait for the host.
+        ends = torch.bincount(flat, minlength=lora_A.shape[0]).cumsum(0).to(torch.int32)
+        hidden = torch._grouped_mm(x.index_select(0, tokens), lora_A.transpose(1, 2), offs=ends) * weights
+        return out.index_add_(0, tokens, torch._grouped_mm(hidden, lora_B.transpose(1, 2), offs=ends)).view(y.shape)
     # On CPU, oneDNN keeps a kernel resident for every bf16/fp16 matmul shape it meets (about 0.5 MB each, measured):
     # one shape per token count would grow the process by hundreds of MB over a server's life. Counts are rounded up
     # to a power of two there, the extra rows weighing 0 (at most twice the LoRA work, a handful of shapes).

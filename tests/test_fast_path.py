@@ -17,7 +17,12 @@ import torch
 
 from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration
-from modeling_glider.fast_lora import AUTO_GATHER_MAX_TOKENS, gathered_mixture_of_lora
+from modeling_glider.fast_lora import (
+    AUTO_GATHER_MAX_TOKENS,
+    gathered_mixture_of_lora,
+    grouped_mixture_of_lora,
+    grouped_mm_applies,
+)
 from modeling_glider.routing import GliderLinear
 from tests.conftest import EMBED_DIM, assert_decisive, make_base, make_expert
 from tests.hostile.test_expert_inputs import tree_hashes
@@ -98,6 +103,30 @@ def test_gather_reads_shared_experts_once_with_the_same_result(rows_share_expert
         expected = linear.mixture_of_lora(x, weights, indices)
         scaled = weights * linear.lora_scaling[indices]
         got = gathered_mixture_of_lora(torch.zeros_like(expected), x, scaled, indices, linear.lora_A, linear.lora_B)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank, grad", [(8, False), (5, False), (8, True)])
+def test_grouped_matmuls_and_loop_equal_a_naive_per_token_loop(rank, grad):
+    """The grouped path as two grouped matmuls (fp32, 16-byte strides, no autograd) and as its loop over experts (rank
+    5 breaks the strides; autograd) both equal w s B A x summed per token in a Python loop; unused and repeated
+    experts included."""
+    num_experts, tokens, k = 6, 40, 3
+    generator = torch.Generator().manual_seed(3)
+    A = torch.randn(num_experts, rank, D_IN, generator=generator).requires_grad_(grad)
+    B = torch.randn(num_experts, D_OUT, rank, generator=generator)
+    x = torch.randn(2, tokens // 2, D_IN, generator=generator)
+    indices = torch.randint(0, num_experts - 1, (2, tokens // 2, k), generator=generator)  # the last expert unused
+    weights = torch.rand(indices.shape, generator=generator)
+    y = torch.randn(2, tokens // 2, D_OUT, generator=generator)
+    expected = y.clone()
+    for b, t in torch.cartesian_prod(torch.arange(2), torch.arange(tokens // 2)).tolist():
+        for slot in range(k):
+            e = indices[b, t, slot]
+            expected[b, t] += weights[b, t, slot] * (B[e] @ (A[e] @ x[b, t]))
+    with torch.set_grad_enabled(grad):
+        assert grouped_mm_applies(x, A, B) == (rank % 4 == 0 and not grad)
+        got = grouped_mixture_of_lora(y.clone(), x, weights, indices, A, B)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
