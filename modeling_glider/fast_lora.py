@@ -7,10 +7,12 @@
 
 - `gathered_mixture_of_lora`: gathers each token's k experts' A and B and applies them with batched matmuls: no Python
   loop, k LoRA products per token. On CPU, from 8 rows on, where rows share experts (the beams of one query) it reads
-  each expert in use once instead. For few tokens, as in the decoding steps.
+  each expert in use once instead. For few tokens, as in the decoding steps, and in compiled graphs.
 - `grouped_mixture_of_lora`: sorts the (token, expert) pairs by expert and runs one matmul pair per expert in use, so
   each expert's weights are read once however many tokens chose it. For many tokens (the encoder on long inputs).
   In fp32 on CPU the pairs are two grouped matmuls (`torch._grouped_mm`); otherwise a loop over the experts in use.
+
+"auto" picks per call the formulation `mixture_costs` finds cheapest, from the call's shapes alone.
 
 The mixtures take `scaled_weights` (routing weight times the expert's LoRA scaling, in the input's dtype) and
 `indices` `[..., k]` into this linear's stacked, zero-padded `lora_A [E, r, d_in]` and `lora_B [E, d_out, r]`.
@@ -18,9 +20,41 @@ The mixtures take `scaled_weights` (routing weight times the expert's LoRA scali
 
 import torch
 
-# "auto" gathers when a call routes at most this many tokens (the decoding steps of `generate`, short inputs) and
-# groups by expert above it: gathering copies k LoRA pairs per token, grouping pays a sort and a loop over experts.
-AUTO_GATHER_MAX_TOKENS = 64
+# The cost model of `lora_implementation="auto"`: a formulation costs the bytes it moves through memory plus a fixed
+# cost per operator it dispatches, counted in the bytes that move in the same time. Both constants are of a kind of
+# hardware, not of one processor: an eager CPU operator costs ~5 us, in which one core moves ~50 kB; an accelerator's
+# kernel launch ~5 us, in which its memory moves ~10 MB. `torch._grouped_mm` on CPU pays ~2 us per group (per expert,
+# used or not): 20 kB.
+OPERATOR_BYTES = {"cpu": 50_000, "accelerator": 10_000_000}
+GROUPED_MM_GROUP_BYTES = 20_000
+
+
+def mixture_costs(
+    tokens: int,
+    k: int,
+    num_experts: int,
+    rank: int,
+    d_in: int,
+    d_out: int,
+    element_size: int,
+    device_type: str,
+    grouped_mm: bool,
+) -> dict[str, float]:
+    """Each exact formulation's cost, in bytes (see above), for `tokens` tokens routed to `k` of `num_experts` experts
+    of rank `rank` (the stacked tensors' padded rank). The experts in use are taken at their most, min(E, tokens k)."""
+    operator = OPERATOR_BYTES["cpu" if device_type == "cpu" else "accelerator"]
+    pairs = tokens * k
+    used = min(num_experts, pairs)
+    expert = rank * (d_in + d_out) * element_size  # one expert's A and B
+    rows = 2 * pairs * (d_in + rank + d_out) * element_size  # grouped: each pair's input, hidden and output rows
+    if grouped_mm:  # two grouped matmuls over every expert's group
+        grouped = 12 * operator + 2 * num_experts * GROUPED_MM_GROUP_BYTES + used * expert + rows
+    else:  # a loop over the experts in use, five operators each (plus one wait for the host)
+        grouped = (9 + 5 * used) * operator + used * expert + rows
+    return {
+        "gather": 8 * operator + 2 * pairs * expert,  # each token's k experts copied, then read
+        "grouped": grouped,
+    }
 
 
 def gathered_mixture_of_lora(

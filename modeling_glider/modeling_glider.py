@@ -49,7 +49,7 @@ from transformers.utils.generic import can_return_tuple
 from .offload import OFFLOADED_TENSORS, ExpertCache, ExpertLease, ExpertStore, checked_expert_tensors, weight_files
 from .packaging import HUB_KWARGS, code_files
 from .pipeline_glider import register_text2text_generation_pipeline
-from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord, candidate_experts
+from .routing import GliderGlobalRouter, GliderLinear, RoutingRecord, candidate_experts, route_siblings
 from .staging import all_but_weights, replaced_folder, with_default_modes
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
@@ -116,9 +116,11 @@ class GliderT5DenseGatedActDense(T5DenseGatedActDense):
         self.wo = GliderLinear(config, f"{prefix}.wo", config.d_ff, config.d_model)
 
     def forward(self, hidden_states, **routing):
-        """Re-implemented from transformers: T5DenseGatedActDense.forward, with the routing inputs passed on."""
-        hidden_gelu = self.act(self.wi_0(hidden_states, **routing))
-        hidden_linear = self.wi_1(hidden_states, **routing)
+        """Re-implemented from transformers: T5DenseGatedActDense.forward, with the routing inputs passed on (wi_0 and
+        wi_1 read the same states: routed together)."""
+        wi_0_routing, wi_1_routing = route_siblings((self.wi_0, self.wi_1), hidden_states, **routing)
+        hidden_gelu = self.act(self.wi_0(hidden_states, **routing, sibling_routing=wi_0_routing))
+        hidden_linear = self.wi_1(hidden_states, **routing, sibling_routing=wi_1_routing)
         hidden_states = self.dropout(hidden_gelu * hidden_linear)
         if hidden_states.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
             hidden_states = hidden_states.to(self.wo.weight.dtype)  # wo may be kept in fp32
@@ -145,7 +147,13 @@ class GliderT5Attention(T5Attention):
         past_seen_tokens = past_seen_tokens.clone() if isinstance(past_seen_tokens, torch.Tensor) else past_seen_tokens
         is_cross_attention = key_value_states is not None
 
-        query_states = self.q(hidden_states, **routing).view(hidden_shape).transpose(1, 2)
+        # q, k and v of self-attention read the same states: routed together (`route_siblings`)
+        q_routing, k_routing, v_routing = (
+            (None, None, None)
+            if is_cross_attention
+            else route_siblings((self.q, self.k, self.v), hidden_states, **routing)
+        )
+        query_states = self.q(hidden_states, **routing, sibling_routing=q_routing).view(hidden_shape).transpose(1, 2)
 
         is_updated = False
         if isinstance(cache, EncoderDecoderCache):
@@ -160,8 +168,10 @@ class GliderT5Attention(T5Attention):
             value_states = curr_cache.layers[self.layer_idx].values
         else:
             kv_shape = (*current_states.shape[:-1], -1, self.key_value_proj_dim)
-            key_states = self.k(current_states, **routing).view(kv_shape).transpose(1, 2)
-            value_states = self.v(current_states, **routing).view(kv_shape).transpose(1, 2)
+            if is_cross_attention:
+                k_routing, v_routing = route_siblings((self.k, self.v), current_states, **routing)
+            key_states = self.k(current_states, **routing, sibling_routing=k_routing).view(kv_shape).transpose(1, 2)
+            value_states = self.v(current_states, **routing, sibling_routing=v_routing).view(kv_shape).transpose(1, 2)
             if cache is not None:
                 key_states, value_states = curr_cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
                 if is_cross_attention and isinstance(cache, EncoderDecoderCache):

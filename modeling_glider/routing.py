@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_lora import AUTO_GATHER_MAX_TOKENS, gathered_mixture_of_lora, grouped_mixture_of_lora
+from .fast_lora import gathered_mixture_of_lora, grouped_mixture_of_lora, grouped_mm_applies, mixture_costs
 
 ROUTER_LAYER_NORM_EPS = 1e-5
 REFERENCE_RENORMALISATION_EPS = 1e-6  # the authors' code renormalises top-k weights as w / (sum(w) + 1e-6)
@@ -31,13 +31,15 @@ def phatgoose_gates(gates: torch.Tensor) -> torch.Tensor:
 
 
 def phatgoose_logits(x: torch.Tensor, normalised_gates: torch.Tensor) -> torch.Tensor:
-    """local_e = LN(x) . LN(v_e) / sqrt(d_in) in fp32, the gates given as `phatgoose_gates(v)`. [..., d] -> [..., E]."""
-    return F.linear(F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS), normalised_gates)
+    """local_e = LN(x) . LN(v_e) / sqrt(d_in) in fp32, the gates given as `phatgoose_gates(v)`. [..., d] -> [..., E];
+    `[N, d]` against the gates of L linears `[L, E, d]` -> `[L, N, E]`."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS) @ normalised_gates.mT
 
 
 def arrow_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """local_e = |x . v_e| / T, v_e the top right singular vector of B_e A_e. [..., d], [E, d] -> [..., E]."""
-    return (x.float() @ prototypes.float().T).abs() / temperature
+    """local_e = |x . v_e| / T, v_e the top right singular vector of B_e A_e. [..., d], [E, d] -> [..., E] (or
+    `[L, N, E]` as `phatgoose_logits`)."""
+    return (x.float() @ prototypes.float().mT).abs() / temperature
 
 
 def glider_routing_weights(
@@ -108,6 +110,41 @@ def candidates_are_exact(global_logits: torch.Tensor, top_k: int, m: int, max_d_
         return torch.ones_like(has_global)
     ranked = global_logits.float().topk(m + 1, dim=-1).values
     return ~has_global | (ranked[:, top_k - 1] - ranked[:, m] > 2 * math.sqrt(max_d_in))
+
+
+def route_siblings(
+    linears: tuple["GliderLinear", ...], x: torch.Tensor, global_routing_logits: torch.Tensor | None = None, **_
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
+    """Each linear's `route(x, global_routing_logits)` for linears that read the same input (q, k, v; wi_0, wi_1),
+    computed once for all: one LayerNorm of x, one logits matmul against all their gates, one top-k over `[L, ..., E]`.
+    Only where they route alike: the same experts, in memory on x's device, among every expert (no `router_candidates`
+    narrowing); otherwise None for each, and each linear routes itself. Other routing arguments (`**_`) do not change the weights."""
+    first = linears[0]
+    config = first.config
+    if (
+        not first.num_experts
+        or config.expert_offload is not None
+        or (config.router_candidates is not None and global_routing_logits is not None)
+        or any(linear.expert_ids != first.expert_ids for linear in linears)
+        # an accelerate device map that offloads weights brings them (from "meta") only into each linear's own call
+        or any(linear.router_gate.device != x.device for linear in linears)
+    ):
+        return (None,) * len(linears)
+    gates = torch.stack([linear.router_gate for linear in linears])  # [L, E, d_in]
+    tokens = x.reshape(-1, x.shape[-1])
+    if config.local_router == "arrow":
+        logits = arrow_logits(tokens, gates, config.arrow_temperature)
+    else:
+        logits = phatgoose_logits(tokens, phatgoose_gates(gates))
+    logits = logits.view(len(linears), *x.shape[:-1], -1)  # [L, batch, tokens, E]: each linear's rows contiguous
+    if global_routing_logits is not None:
+        global_logits = global_routing_logits.to(x.device)
+        if not first.routes_all_experts:
+            global_logits = global_logits.index_select(-1, first.expert_index)
+        logits = logits + global_logits[:, None, :]
+    reference = config.routing_compatibility == "reference"
+    weights, indices = glider_routing_weights(logits, None, config.router_top_k, config.router_top_p, reference)
+    return tuple(zip(weights, indices))
 
 
 class RoutingRecord:
@@ -274,13 +311,19 @@ class GliderLinear(nn.Linear):
         routing_record: RoutingRecord | None = None,
         routing_candidates: torch.Tensor | None = None,
         expert_lease=None,
+        sibling_routing: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`sibling_routing`: this linear's `route(x, ...)`, computed together with linears that read the same `x`
+        (`route_siblings`)."""
         y = super().forward(x)
         if not self.num_experts:
             return y
-        implementation = self.lora_implementation(x.shape[:-1].numel())
         lora_A, lora_B, gates, rows = self.expert_storage(expert_lease)
-        weights, indices = self.route(x, global_routing_logits, routing_candidates, gates, rows)
+        implementation = self.lora_implementation(x, lora_A, lora_B)
+        if sibling_routing is None:
+            weights, indices = self.route(x, global_routing_logits, routing_candidates, gates, rows)
+        else:
+            weights, indices = sibling_routing
         if routing_record is not None:
             routing_record.add(self.module_path, weights, self.expert_index[indices])
         if implementation == "dense":
@@ -314,13 +357,31 @@ class GliderLinear(nn.Linear):
         torch._assert_async(((stored >= 0) | (weights == 0)).all(), "routed to an expert the call did not lease")
         return stored.clamp(min=0)
 
-    def lora_implementation(self, num_tokens: int) -> str:
-        """What computes a call on `num_tokens` tokens: `config.lora_implementation`, "auto" resolved to "gather" up
-        to `AUTO_GATHER_MAX_TOKENS` tokens and to "grouped" above (see `fast_lora.py`)."""
+    def lora_implementation(
+        self, x: torch.Tensor, lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None
+    ) -> str:
+        """What computes a call on input `x`: `config.lora_implementation`; "auto" is the formulation `mixture_costs`
+        finds cheapest for the call's shapes (see `fast_lora.py`), "gather" in compiled graphs (the grouped loop is
+        not traceable). `lora_A`, `lora_B`: where the experts lie (default: this linear's own)."""
         implementation = self.config.lora_implementation
-        if implementation == "auto":
-            return "gather" if num_tokens <= AUTO_GATHER_MAX_TOKENS else "grouped"
-        return implementation
+        if implementation != "auto":
+            return implementation
+        if torch.compiler.is_compiling():
+            return "gather"
+        lora_A = self.lora_A if lora_A is None else lora_A
+        lora_B = self.lora_B if lora_B is None else lora_B
+        costs = mixture_costs(
+            x.shape[:-1].numel(),
+            min(self.config.router_top_k, self.num_experts),
+            lora_A.shape[0],
+            lora_A.shape[1],
+            self.in_features,
+            self.out_features,
+            x.element_size(),
+            x.device.type,
+            grouped_mm_applies(x, lora_A, lora_B),
+        )
+        return min(costs, key=costs.get)
 
     def routing_logits(
         self, x: torch.Tensor, global_routing_logits: torch.Tensor | None, gates: torch.Tensor | None = None

@@ -8,6 +8,7 @@ fp16 models are compared with the same model in fp32: largest logit error below 
 largest logit.
 """
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,12 @@ import torch
 from configuration_glider import GliderConfig
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.fast_lora import (
-    AUTO_GATHER_MAX_TOKENS,
     gathered_mixture_of_lora,
     grouped_mixture_of_lora,
     grouped_mm_applies,
+    mixture_costs,
 )
-from modeling_glider.routing import GliderLinear
+from modeling_glider.routing import GliderLinear, route_siblings
 from tests.conftest import EMBED_DIM, assert_decisive, make_base, make_expert
 from tests.hostile.test_expert_inputs import tree_hashes
 from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: F401 (a fixture)
@@ -31,6 +32,7 @@ from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: 
 D_IN, D_OUT = 32, 48
 PATH = "encoder.block.0.layer.0.SelfAttention.q"
 FAST = ("gather", "grouped")
+LONG = 64  # inputs of more tokens than this are "long": the encoder's calls route hundreds of (token, expert) pairs
 
 
 def linear_config(top_k: int, top_p=None, **overrides) -> GliderConfig:
@@ -130,6 +132,30 @@ def test_grouped_matmuls_and_loop_equal_a_naive_per_token_loop(rank, grad):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("local_router", ["phatgoose", "arrow"])
+@pytest.mark.parametrize("top_p, use_global", [(None, True), (0.6, True), (None, False)])
+def test_siblings_route_together_as_each_alone(local_router, top_p, use_global):
+    """q, k and v routed together (one LayerNorm, one logits matmul, one top-k) give each linear its own routing; linears
+    adapted by different experts, or narrowed to candidates, route alone (None)."""
+    experts = [{"name": f"e{i}", "target_modules": ["q", "k", "v"], "r": 4, "lora_alpha": 4} for i in range(5)]
+    config = GliderConfig(experts=experts, router_top_k=2, router_top_p=top_p, local_router=local_router)
+    prefix = "encoder.block.0.layer.0.SelfAttention"
+    siblings = tuple(random_linear(config, f"{prefix}.{name}", seed=i) for i, name in enumerate("qkv"))
+    x = torch.randn(3, 7, D_IN, generator=torch.Generator().manual_seed(4))
+    global_logits = 2 * torch.randn(3, 5, generator=torch.Generator().manual_seed(5)) if use_global else None
+    with torch.no_grad():
+        together = route_siblings(siblings, x, global_logits)
+        for linear, (weights, indices) in zip(siblings, together):
+            expected_weights, expected_indices = linear.route(x, global_logits)
+            assert torch.equal(indices, expected_indices)
+            torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-6)
+    partial = random_linear(linear_config(top_k=2))  # experts a-d at q; a and only_k at k
+    assert route_siblings((partial, random_linear(linear_config(top_k=2), f"{prefix}.k")), x) == (None, None)
+    config.router_candidates = 3
+    if use_global:
+        assert route_siblings(siblings, x, global_logits) == (None, None, None)
+
+
 def test_linear_with_fewer_experts_than_top_k_and_partial_library():
     config = linear_config(top_k=3)
     k_linear = random_linear(config, "encoder.block.0.layer.0.SelfAttention.k")  # experts a and only_k: 2 < 3
@@ -185,10 +211,27 @@ def test_config_names_the_implementation():
     with pytest.raises(ValueError, match="lora_implementation.*'fastest'"):
         GliderConfig(lora_implementation="fastest")
     linear = random_linear(linear_config(top_k=2))
-    assert linear.lora_implementation(AUTO_GATHER_MAX_TOKENS) == "gather"
-    assert linear.lora_implementation(AUTO_GATHER_MAX_TOKENS + 1) == "grouped"
+    one_token = torch.randn(1, 1, D_IN)
+    assert linear.lora_implementation(one_token) == "gather"  # copying 2 experts' tensors beats any grouping
+    assert linear.lora_implementation(torch.randn(1, 4096, D_IN)) == "grouped"  # 8192 copies against 4 experts
     linear.config.lora_implementation = "dense"
-    assert linear.lora_implementation(1) == "dense"
+    assert linear.lora_implementation(one_token) == "dense"
+
+
+@pytest.mark.parametrize("device_type, grouped_mm", [("cpu", True), ("cpu", False), ("cuda", False)])
+def test_auto_cost_model_gathers_few_tokens_and_groups_many(device_type, grouped_mm):
+    """For every shape of the benchmarks: one token gathers; the choice changes at most once as tokens grow, from
+    gather to grouped (gathering grows with every token, grouping with the experts in use, which stop growing at E);
+    the model's gather cost grows in proportion to the tokens."""
+    for d_model, num_experts, element_size in itertools.product((256, 768, 2048), (8, 36, 166), (2, 4)):
+        shape = {"k": 2, "num_experts": num_experts, "rank": 16, "d_in": d_model, "d_out": d_model}
+        shape |= {"element_size": element_size, "device_type": device_type, "grouped_mm": grouped_mm}
+        costs = [mixture_costs(tokens, **shape) for tokens in (2 ** torch.arange(16)).tolist()]
+        choices = [min(cost, key=cost.get) for cost in costs]
+        assert choices[0] == "gather"
+        assert choices == sorted(choices, key=("gather", "grouped").index), (shape, choices)
+        gather = torch.tensor([cost["gather"] for cost in costs], dtype=torch.float64)
+        torch.testing.assert_close(gather[2:] - gather[1:-1], 2 * (gather[1:-1] - gather[:-2]))
 
 
 @pytest.fixture
@@ -225,7 +268,7 @@ def test_model_fast_paths_equal_dense(glider_library, top_p):
         base, dirs, top_k=2, global_routing_scale=3.0, router_top_p=top_p
     )
     generator = torch.Generator().manual_seed(5)
-    ids = torch.randint(2, 64, (2, AUTO_GATHER_MAX_TOKENS + 20), generator=generator)  # the encoder groups
+    ids = torch.randint(2, 64, (2, LONG + 20), generator=generator)  # the encoder groups
     dec = torch.randint(2, 64, (2, 4), generator=generator)  # the decoder gathers
     u = torch.randn(2, EMBED_DIM, generator=generator)
     with torch.no_grad():
@@ -260,11 +303,11 @@ def test_grouped_path_equals_naive_per_token_loop(heterogeneous_library):  # noq
     alpha = 2.0
     glider = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=3, global_routing_scale=alpha)
     naive, query = naive_model(base, dirs, alpha, 3, None)
-    ids = torch.randint(2, 64, (1, AUTO_GATHER_MAX_TOKENS + 6), generator=torch.Generator().manual_seed(8))
+    ids = torch.randint(2, 64, (1, LONG + 6), generator=torch.Generator().manual_seed(8))
     dec = torch.randint(2, 64, (1, 3), generator=torch.Generator().manual_seed(9))
     u = torch.randn(1, EMBED_DIM, generator=torch.Generator().manual_seed(10))
     query["u"] = u.double()
-    assert glider.get_submodule("encoder.block.0.layer.0.SelfAttention.q").lora_implementation(ids.numel()) == "grouped"
+    glider.config.lora_implementation = "grouped"
     with torch.no_grad():
         expected = naive(input_ids=ids, decoder_input_ids=dec).logits
         got = glider(input_ids=ids, decoder_input_ids=dec, instruction_embeddings=u).logits
@@ -289,7 +332,7 @@ def test_half_precision_models_match_fp32(tmp_path, dtype, tolerance):
             if isinstance(module, GliderLinear) and module.num_experts:
                 module.lora_B.mul_(0.1)
     assert glider16.get_submodule("encoder.block.0.layer.0.SelfAttention.q").lora_A.dtype == dtype
-    ids = torch.randint(2, 64, (2, AUTO_GATHER_MAX_TOKENS + 8), generator=torch.Generator().manual_seed(12))
+    ids = torch.randint(2, 64, (2, LONG + 8), generator=torch.Generator().manual_seed(12))
     dec = torch.randint(2, 64, (2, 4), generator=torch.Generator().manual_seed(13))
     u = embeddings[0] + embeddings[1] + torch.tensor([[0.0], [0.1]])
     with torch.no_grad():
@@ -343,7 +386,7 @@ def test_device_map_keeps_blocks_whole_and_outputs_equal(glider_library, tmp_pat
     assert not blocks_split(device_map)
     # without `_no_split_modules` the same memory would cut blocks apart: the check above can fail
     assert blocks_split(infer_auto_device_map(plain, max_memory={"cpu": size // 2, "disk": size}))
-    ids = torch.randint(2, 64, (2, AUTO_GATHER_MAX_TOKENS + 4), generator=torch.Generator().manual_seed(15))
+    ids = torch.randint(2, 64, (2, LONG + 4), generator=torch.Generator().manual_seed(15))
     u = torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(16))
     assert_same_answers(offloaded, plain, ids, u)
 
