@@ -14,7 +14,8 @@
 
 "auto" picks per call the formulation `mixture_costs` finds cheapest, from the call's shapes alone.
 
-The mixtures take `scaled_weights` (routing weight times the expert's LoRA scaling, in the input's dtype) and
+The mixtures take `scaled_weights` (routing weight times the expert's LoRA scaling, in the input's dtype), or the
+routing weights and one `scaling` for every expert (applied once, where the mixture is added to `y`), and
 `indices` `[..., k]` into this linear's stacked, zero-padded `lora_A [E, r, d_in]` and `lora_B [E, d_out, r]`.
 """
 
@@ -64,6 +65,7 @@ def gathered_mixture_of_lora(
     indices: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
+    scaling: float = 1.0,
 ) -> torch.Tensor:
     """`y` plus, per token, the sum over its k experts of w s B A x, without a loop: gathers and batched matmuls."""
     *lead, d_in = x.shape
@@ -83,13 +85,13 @@ def gathered_mixture_of_lora(
             hidden = (x @ lora_A.index_select(0, experts).view(used * r, d_in).T).view(tokens, used, r)
             hidden = (hidden * mix[:, :, None]).transpose(0, 1)  # [used, tokens, r]
             out = torch.bmm(hidden, lora_B.index_select(0, experts).transpose(1, 2)).sum(dim=0)
-            return y + out.view(*lead, d_out)
+            return torch.add(y, out.view(*lead, d_out), alpha=scaling)
     A = lora_A.index_select(0, flat).view(tokens, k * r, d_in)
     # [tokens, 1, d_in] @ [tokens, d_in, k r]: with the vector on the left the batched matmul stays on its fast path
     hidden = torch.bmm(x[:, None, :], A.transpose(1, 2)).view(tokens * k, 1, r)
     hidden = hidden * scaled_weights.reshape(tokens * k, 1, 1)
     B = lora_B.index_select(0, flat)
-    return y + torch.bmm(hidden, B.transpose(1, 2)).view(*lead, k, d_out).sum(dim=-2)
+    return torch.add(y, torch.bmm(hidden, B.transpose(1, 2)).view(*lead, k, d_out).sum(dim=-2), alpha=scaling)
 
 
 def grouped_mm_applies(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
@@ -116,6 +118,7 @@ def grouped_mixture_of_lora(
     indices: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
+    scaling: float = 1.0,
 ) -> torch.Tensor:
     """`y` plus, per token, the sum over its k experts of w s B A x: one matmul pair per expert in use, on the tokens
     that chose it, added into `y` in place (no `[tokens k, d_out]` intermediate in the loop)."""
@@ -131,7 +134,8 @@ def grouped_mixture_of_lora(
         # included): a dozen operators whatever the number of experts in use, and no wait for the host.
         ends = torch.bincount(flat, minlength=lora_A.shape[0]).cumsum(0).to(torch.int32)
         hidden = torch._grouped_mm(x.index_select(0, tokens), lora_A.transpose(1, 2), offs=ends) * weights
-        return out.index_add_(0, tokens, torch._grouped_mm(hidden, lora_B.transpose(1, 2), offs=ends)).view(y.shape)
+        out.index_add_(0, tokens, torch._grouped_mm(hidden, lora_B.transpose(1, 2), offs=ends), alpha=scaling)
+        return y
     # On CPU, oneDNN keeps a kernel resident for every bf16/fp16 matmul shape it meets (about 0.5 MB each, measured):
     # one shape per token count would grow the process by hundreds of MB over a server's life. Counts are rounded up
     # to a power of two there, the extra rows weighing 0 (at most twice the LoRA work, a handful of shapes).
@@ -145,6 +149,6 @@ def grouped_mixture_of_lora(
                 rows = torch.cat([rows, rows[:1].expand(pad)])
                 rows_weights = torch.cat([rows_weights, rows_weights.new_zeros(pad, 1)])
             hidden = (x.index_select(0, rows) @ lora_A[expert].T) * rows_weights
-            out.index_add_(0, rows, hidden @ lora_B[expert].T)
+            out.index_add_(0, rows, hidden @ lora_B[expert].T, alpha=scaling)
             end += count
     return y

@@ -330,9 +330,11 @@ class GliderLinear(nn.Linear):
             if rows is not None:  # every expert of this linear: the ones not leased have weight 0
                 lora_A, lora_B = lora_A.index_select(0, rows.clamp(min=0)), lora_B.index_select(0, rows.clamp(min=0))
             return y + self.mixture_of_lora(x, weights, indices, lora_A, lora_B)
-        scaling = self.uniform_scaling if self.uniform_scaling is not None else self.lora_scaling[indices]
         mixture = gathered_mixture_of_lora if implementation == "gather" else grouped_mixture_of_lora
-        return mixture(y, x, (weights * scaling).to(x.dtype), self.stored_rows(indices, rows, weights), lora_A, lora_B)
+        stored = self.stored_rows(indices, rows, weights)
+        if self.uniform_scaling is not None:  # applied once, where the mixture is added to y
+            return mixture(y, x, weights.to(x.dtype), stored, lora_A, lora_B, self.uniform_scaling)
+        return mixture(y, x, (weights * self.lora_scaling[indices]).to(x.dtype), stored, lora_A, lora_B)
 
     def expert_storage(self, expert_lease) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The tensors that hold this linear's experts (`lora_A`, `lora_B`, `router_gate`) and, when the experts are

@@ -105,7 +105,12 @@ def test_gather_reads_shared_experts_once_with_the_same_result(rows_share_expert
         expected = linear.mixture_of_lora(x, weights, indices)
         scaled = weights * linear.lora_scaling[indices]
         got = gathered_mixture_of_lora(torch.zeros_like(expected), x, scaled, indices, linear.lora_A, linear.lora_B)
+        # one scaling for all experts, applied where the mixture is added
+        halved = gathered_mixture_of_lora(
+            torch.zeros_like(expected), x, scaled, indices, linear.lora_A, linear.lora_B, scaling=0.5
+        )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(halved, expected / 2, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rank, grad", [(8, False), (5, False), (8, True)])
@@ -125,10 +130,10 @@ def test_grouped_matmuls_and_loop_equal_a_naive_per_token_loop(rank, grad):
     for b, t in torch.cartesian_prod(torch.arange(2), torch.arange(tokens // 2)).tolist():
         for slot in range(k):
             e = indices[b, t, slot]
-            expected[b, t] += weights[b, t, slot] * (B[e] @ (A[e] @ x[b, t]))
+            expected[b, t] += 0.25 * weights[b, t, slot] * (B[e] @ (A[e] @ x[b, t]))
     with torch.set_grad_enabled(grad):
         assert grouped_mm_applies(x, A, B) == (rank % 4 == 0 and not grad)
-        got = grouped_mixture_of_lora(y.clone(), x, weights, indices, A, B)
+        got = grouped_mixture_of_lora(y.clone(), x, weights, indices, A, B, scaling=0.25)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
