@@ -22,11 +22,12 @@ routing weights and one `scaling` for every expert (applied once, where the mixt
 import torch
 
 # The cost model of `lora_implementation="auto"`: a formulation costs the bytes it moves through memory plus a fixed
-# cost per operator it dispatches, counted in the bytes that move in the same time. Both constants are of a kind of
+# cost per operator it dispatches, counted in the bytes that move in the same time. The constants are of a kind of
 # hardware, not of one processor: an eager CPU operator costs ~5 us, in which one core moves ~50 kB; an accelerator's
-# kernel launch ~5 us, in which its memory moves ~10 MB. `torch._grouped_mm` on CPU pays ~2 us per group (per expert,
-# used or not): 20 kB.
+# kernel launch ~5 us, in which its memory moves ~10 MB. On CPU a bf16/fp16 matmul goes through oneDNN, ~30 us however
+# small (300 kB), and `torch._grouped_mm` pays ~2 us per group (per expert, used or not: 20 kB).
 OPERATOR_BYTES = {"cpu": 50_000, "accelerator": 10_000_000}
+CPU_HALF_MATMUL_BYTES = 300_000
 GROUPED_MM_GROUP_BYTES = 20_000
 
 
@@ -42,18 +43,21 @@ def mixture_costs(
     grouped_mm: bool,
 ) -> dict[str, float]:
     """Each exact formulation's cost, in bytes (see above), for `tokens` tokens routed to `k` of `num_experts` experts
-    of rank `rank` (the stacked tensors' padded rank). The experts in use are taken at their most, min(E, tokens k)."""
+    of rank `rank` (the stacked tensors' padded rank). The experts in use are taken at their most, min(E, tokens k).
+    Operators as the functions below dispatch them."""
     operator = OPERATOR_BYTES["cpu" if device_type == "cpu" else "accelerator"]
+    half_on_cpu = device_type == "cpu" and element_size == 2
+    matmul = CPU_HALF_MATMUL_BYTES if half_on_cpu else operator
     pairs = tokens * k
     used = min(num_experts, pairs)
     expert = rank * (d_in + d_out) * element_size  # one expert's A and B
     rows = 2 * pairs * (d_in + rank + d_out) * element_size  # grouped: each pair's input, hidden and output rows
     if grouped_mm:  # two grouped matmuls over every expert's group
-        grouped = 12 * operator + 2 * num_experts * GROUPED_MM_GROUP_BYTES + used * expert + rows
-    else:  # a loop over the experts in use, five operators each (plus one wait for the host)
-        grouped = (9 + 5 * used) * operator + used * expert + rows
+        grouped = 2 * matmul + 8 * operator + 2 * num_experts * GROUPED_MM_GROUP_BYTES + used * expert + rows
+    else:  # a loop over the experts in use: two matmuls each, and three more operators (six where counts are padded)
+        grouped = 5 * operator + used * (2 * matmul + (6 if half_on_cpu else 3) * operator + expert) + rows
     return {
-        "gather": 8 * operator + 2 * pairs * expert,  # each token's k experts copied, then read
+        "gather": 2 * matmul + 5 * operator + 2 * pairs * expert,  # each token's k experts copied, then read
         "grouped": grouped,
     }
 
