@@ -136,7 +136,7 @@ def route_siblings(
         logits = arrow_logits(tokens, gates, config.arrow_temperature)
     else:
         logits = phatgoose_logits(tokens, phatgoose_gates(gates))
-    logits = logits.view(len(linears), *x.shape[:-1], -1)  # [L, batch, tokens, E]: each linear's rows contiguous
+    logits = logits.view(len(linears), *x.shape[:-1], first.num_experts)  # [L, batch, tokens, E], rows contiguous
     if global_routing_logits is not None:
         global_logits = global_routing_logits.to(x.device)
         if not first.routes_all_experts:

@@ -149,11 +149,12 @@ def test_siblings_route_together_as_each_alone(local_router, top_p, use_global):
     x = torch.randn(3, 7, D_IN, generator=torch.Generator().manual_seed(4))
     global_logits = 2 * torch.randn(3, 5, generator=torch.Generator().manual_seed(5)) if use_global else None
     with torch.no_grad():
-        together = route_siblings(siblings, x, global_logits)
-        for linear, (weights, indices) in zip(siblings, together):
-            expected_weights, expected_indices = linear.route(x, global_logits)
-            assert torch.equal(indices, expected_indices)
-            torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-6)
+        for tokens in (7, 0):  # an empty input too
+            together = route_siblings(siblings, x[:, :tokens], global_logits)
+            for linear, (weights, indices) in zip(siblings, together):
+                expected_weights, expected_indices = linear.route(x[:, :tokens], global_logits)
+                assert torch.equal(indices, expected_indices)
+                torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-6)
     partial = random_linear(linear_config(top_k=2))  # experts a-d at q; a and only_k at k
     assert route_siblings((partial, random_linear(linear_config(top_k=2), f"{prefix}.k")), x) == (None, None)
     config.router_candidates = 3
