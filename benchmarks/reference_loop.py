@@ -72,7 +72,15 @@ class ReferenceLoopLinear(nn.Linear):
         self.input_layer_norm = nn.LayerNorm(self.in_features, eps=ROUTER_LAYER_NORM_EPS, elementwise_affine=False)
         self.routing_counter = torch.zeros(self.num_experts, dtype=torch.long)
 
-    def forward(self, x, global_routing_logits=None, routing_record=None, routing_candidates=None, expert_lease=None):
+    def forward(
+        self,
+        x,
+        global_routing_logits=None,
+        routing_record=None,
+        routing_candidates=None,
+        expert_lease=None,
+        sibling_routing=None,  # not used: the reference routes every linear on its own
+    ):
         if routing_candidates is not None:
             raise ValueError("The reference loop is rebuilt for routing among every expert (router_candidates=None).")
         if expert_lease is not None:

@@ -118,8 +118,11 @@ def route_siblings(
     """Each linear's `route(x, global_routing_logits)` for linears that read the same input (q, k, v; wi_0, wi_1),
     computed once for all: one LayerNorm of x, one logits matmul against all their gates, one top-k over `[L, ..., E]`.
     Only where they route alike: the same experts, in memory on x's device, among every expert (no `router_candidates`
-    narrowing); otherwise None for each, and each linear routes itself. Other routing arguments (`**_`) do not change the weights."""
+    narrowing); otherwise None for each, and each linear routes itself. The other routing arguments (`**_`) do not
+    change the weights of this path."""
     first = linears[0]
+    if not all(isinstance(linear, GliderLinear) for linear in linears):  # e.g. swapped for another implementation
+        return (None,) * len(linears)
     config = first.config
     if (
         not first.num_experts
