@@ -19,6 +19,8 @@ routing weights and one `scaling` for every expert (applied once, where the mixt
 `indices` `[..., k]` into this linear's stacked, zero-padded `lora_A [E, r, d_in]` and `lora_B [E, d_out, r]`.
 """
 
+import functools
+
 import torch
 
 # The cost model of `lora_implementation="auto"`: a formulation costs the bytes it moves through memory plus a fixed
@@ -62,6 +64,13 @@ def mixture_costs(
     }
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of a call's shapes, asked at every routed linear
+def cheapest_mixture(*shapes) -> str:
+    """The formulation `mixture_costs(*shapes)` finds cheapest."""
+    costs = mixture_costs(*shapes)
+    return min(costs, key=costs.get)
+
+
 def gathered_mixture_of_lora(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -98,18 +107,19 @@ def gathered_mixture_of_lora(
     return torch.add(y, torch.bmm(hidden, B.transpose(1, 2)).view(*lead, k, d_out).sum(dim=-2), alpha=scaling)
 
 
-def grouped_mm_applies(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bool:
+def grouped_mm_applies(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, aligned: bool = True) -> bool:
     """Whether `torch._grouped_mm` computes the grouped path: in fp32 on CPU, out of autograd (its CPU backward refuses
     some gradient layouts) and out of compiled graphs (which accept bf16 only). In bf16/fp16 on CPU it runs one oneDNN
     matmul per group, and oneDNN keeps a kernel per shape (the process grows with every new group size, measured):
-    the loop below bounds the shapes instead. Other devices: untested, so the loop."""
+    the loop below bounds the shapes instead. Other devices: untested, so the loop. `aligned=False` skips the check of
+    the tensors' addresses (16-byte aligned: always so for parameters)."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
     return (
         hasattr(torch, "_grouped_mm")
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and all(size % 4 == 0 for size in (x.shape[-1], *lora_B.shape[1:]))  # it wants 16-byte strides
-        and all(tensor.data_ptr() % 16 == 0 for tensor in (lora_A, lora_B))
+        and (not aligned or all(tensor.data_ptr() % 16 == 0 for tensor in (lora_A, lora_B)))
         and not needs_grad
         and not torch.compiler.is_compiling()
     )

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_lora import gathered_mixture_of_lora, grouped_mixture_of_lora, grouped_mm_applies, mixture_costs
+from .fast_lora import cheapest_mixture, gathered_mixture_of_lora, grouped_mixture_of_lora, grouped_mm_applies
 
 ROUTER_LAYER_NORM_EPS = 1e-5
 REFERENCE_RENORMALISATION_EPS = 1e-6  # the authors' code renormalises top-k weights as w / (sum(w) + 1e-6)
@@ -375,7 +375,7 @@ class GliderLinear(nn.Linear):
             return "gather"
         lora_A = self.lora_A if lora_A is None else lora_A
         lora_B = self.lora_B if lora_B is None else lora_B
-        costs = mixture_costs(
+        return cheapest_mixture(
             x.shape[:-1].numel(),
             min(self.config.router_top_k, self.num_experts),
             lora_A.shape[0],
@@ -384,9 +384,8 @@ class GliderLinear(nn.Linear):
             self.out_features,
             x.element_size(),
             x.device.type,
-            grouped_mm_applies(x, lora_A, lora_B),
+            grouped_mm_applies(x, lora_A, lora_B, aligned=False),
         )
-        return min(costs, key=costs.get)
 
     def routing_logits(
         self, x: torch.Tensor, global_routing_logits: torch.Tensor | None, gates: torch.Tensor | None = None
