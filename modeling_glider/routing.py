@@ -327,6 +327,11 @@ class GliderLinear(nn.Linear):
             weights, indices = self.route(x, global_routing_logits, routing_candidates, gates, rows)
         else:
             weights, indices = sibling_routing
+            if weights.shape[:-1] != x.shape[:-1] or indices.shape != weights.shape:
+                raise ValueError(
+                    f"{self.module_path}: sibling_routing holds weights {tuple(weights.shape)} and indices "
+                    f"{tuple(indices.shape)}, not the routing of inputs {tuple(x.shape)} (see route_siblings)."
+                )
         if routing_record is not None:
             routing_record.add(self.module_path, weights, self.expert_index[indices])
         if implementation == "dense":

@@ -155,6 +155,8 @@ def test_siblings_route_together_as_each_alone(local_router, top_p, use_global):
                 expected_weights, expected_indices = linear.route(x[:, :tokens], global_logits)
                 assert torch.equal(indices, expected_indices)
                 torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"SelfAttention.k: sibling_routing .* not the routing of inputs \(3, 6, 32\)"):
+        siblings[1](x[:, :6], sibling_routing=together[1])  # the routing of another input
     partial = random_linear(linear_config(top_k=2))  # experts a-d at q; a and only_k at k
     assert route_siblings((partial, random_linear(linear_config(top_k=2), f"{prefix}.k")), x) == (None, None)
     config.router_candidates = 3
