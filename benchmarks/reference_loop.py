@@ -84,7 +84,9 @@ class ReferenceLoopLinear(nn.Linear):
         if routing_candidates is not None:
             raise ValueError("The reference loop is rebuilt for routing among every expert (router_candidates=None).")
         if expert_lease is not None:
-            raise ValueError("The reference loop is rebuilt from a model with its experts in memory (no expert_offload).")
+            raise ValueError(
+                "The reference loop is rebuilt from a model with its experts in memory (no expert_offload)."
+            )
         out = F.linear(x, self.weight, self.bias)
         if not self.num_experts:
             return out

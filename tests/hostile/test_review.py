@@ -293,7 +293,9 @@ def test_one_expert_at_top_1_equals_peft(tmp_path, options):
     data = batch(embeddings=False)
     expected, plain = reference(**data).logits, base(**data).logits
     assert (expected - plain).abs().max() > 1e-2  # the expert changes the output
-    torch.testing.assert_close(model(**data).logits, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    # 1e-4 of the largest logit, as for the other whole-model comparisons: this toy T5 amplifies fp32 rounding (the
+    # dense path, in PEFT's own order of operations, is 2.4e-5 of it away), while a wrong scaling or rank is > 1e-2
+    torch.testing.assert_close(model(**data).logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
 
 
 @pytest.mark.parametrize(
