@@ -192,7 +192,8 @@ class GliderConfig(T5Config):
         Name of the sentence-embedding model the expert instructions were embedded with.
     instruction_embedding_prefix (`str`, *optional*):
         Text put before every instruction before it is embedded, as some models require (e.g. nomic-embed-text's
-        `"search_query: "`); queries are embedded with the same prefix.
+        `"search_query: "`); queries are embedded with the same prefix. A build takes it from the experts' files
+        (`embedding_prefix`, as `glider describe-experts --embedding-prefix` records it).
     instruction_embedding_truncate_dim (`int`, *optional*):
         The embeddings keep the first this many values of the model's output, renormalised (Matryoshka models such as
         nomic-embed-text); equals `instruction_embedding_dim` when set.

@@ -228,8 +228,8 @@ def _describe_experts(args: argparse.Namespace) -> int:
     instructions.update(_pairs(args.instruction, "--instruction"))
     data = {name: read_samples(path) for name, path in _pairs(args.data, "--data").items()}
     written = describe_experts(
-        args.experts, instructions=instructions, data=data, generator=args.generator, embedder=args.embedder, k=args.k,
-        seed=args.seed, samples=args.samples,
+        args.experts, instructions=instructions, data=data, generator=args.generator, embedder=args.embedder,
+        embedding_prefix=args.embedding_prefix, k=args.k, seed=args.seed, samples=args.samples,
     )  # fmt: skip
     for name, instruction in written.items():
         print(f"{name}: {instruction}")
@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--generator", help="Writes instructions from samples: an OpenAI-compatible URL (URL#model) or a local model."
     )
     describe.add_argument("--embedder", default=DEFAULT_EMBEDDING_MODEL, help="Embedding model (default: %(default)s).")
+    describe.add_argument("--embedding-prefix", default="", metavar="TEXT",
+                          help="Text put before every instruction and sample embedded, as some embedders need (e.g. "
+                               "'search_query: '); recorded in glider_expert.json (default: none).")  # fmt: skip
     describe.add_argument("-k", type=count, default=3, help="Samples shown per expert (default: %(default)s).")
     describe.add_argument("--seed", type=integer, default=0, help="Seed of the sample choice (default: %(default)s).")
     describe.add_argument("--samples", type=count, default=0, metavar="N",

@@ -3,8 +3,8 @@ embedded samples of its inputs.
 
 An expert's instruction is human-written (given, or already in its `glider_expert.json`) or written by an
 instruction generator from k random samples of the expert's data. All instructions are embedded by one
-`InstructionEmbedder`, whose id goes into `glider_expert.json` (`embedding_model`) so that a GliderT5 built from
-the experts records it. With `samples=N`, N random inputs of each expert's data are embedded by the same embedder
+`InstructionEmbedder`, whose id and prefix go into `glider_expert.json` (`embedding_model`, and `embedding_prefix`
+when the prefix is not empty) so that a GliderT5 built from the experts records them and embeds queries alike. With `samples=N`, N random inputs of each expert's data are embedded by the same embedder
 (`sample_embeddings`), for the global router's fitted descriptors (`global_routing_descriptor="samples"`).
 
 Nothing is written unless every expert was read and checked in full and got its instruction and embedding. Then every
@@ -53,6 +53,7 @@ def describe_experts(
     data: dict[str, Sequence[dict | str]] | None = None,
     generator: InstructionGenerator | str | None = None,
     embedder: InstructionEmbedder | str = DEFAULT_EMBEDDING_MODEL,
+    embedding_prefix: str = "",
     k: int = 3,
     seed: int = 0,
     samples: int = 0,
@@ -62,10 +63,19 @@ def describe_experts(
     Per expert, by name: `instructions[name]` if given; else, with `data[name]` (samples) and a `generator`, an
     instruction written from `k` random samples; else the instruction already in its `glider_expert.json`. With
     `samples` > 0, `samples` random inputs of `data[name]` (all of them if fewer) are embedded as its
-    `sample_embeddings`; embedded samples an expert already has are kept if they come from the same embedder.
+    `sample_embeddings`; embedded samples an expert already has are kept if they come from the same embedder (model
+    and prefix). `embedding_prefix` is put before every text an `embedder` given by name embeds (an
+    `InstructionEmbedder` brings its own `prefix`); a prefix other than none is recorded as `embedding_prefix`.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(f"samples must be an integer >= 0 (inputs to embed per expert), got {samples!r}.")
+    if not isinstance(embedding_prefix, str):
+        raise ValueError(f"embedding_prefix must be a text, got {embedding_prefix!r}.")
+    if isinstance(embedder, InstructionEmbedder) and embedding_prefix and embedding_prefix != embedder.prefix:
+        raise ValueError(
+            f"embedding_prefix={embedding_prefix!r}, but the embedder given puts {embedder.prefix!r} before texts: "
+            "give the prefix to one of them."
+        )
     instructions, data = dict(instructions or {}), dict(data or {})
     for name, text in instructions.items():
         if text is not None and (not isinstance(text, str) or not text.strip()):
@@ -120,7 +130,8 @@ def describe_experts(
                 "and an instruction generator."
             )
 
-    embedder = embedder if isinstance(embedder, InstructionEmbedder) else load_embedder(str(embedder))
+    if not isinstance(embedder, InstructionEmbedder):
+        embedder = load_embedder(str(embedder), prefix=embedding_prefix)
     sample_embeddings = {}
     for name, (directory, meta) in metas.items():
         if samples and name in data:
@@ -129,10 +140,11 @@ def describe_experts(
                 random.Random(f"{seed}/{name}").sample(inputs, min(samples, len(inputs)))
             )
         elif experts[name].sample_embeddings is not None:
-            if meta.get("embedding_model") != embedder.model_id:
+            made_with = (meta.get("embedding_model"), meta.get("embedding_prefix") or "")
+            if made_with != (embedder.model_id, embedder.prefix):
                 raise ValueError(
-                    f"Expert {name!r} ({directory}) has sample_embeddings made with {meta.get('embedding_model')!r}; "
-                    f"give its data to embed them anew with {embedder.model_id!r}."
+                    f"Expert {name!r} ({directory}) has sample_embeddings made with {_embedder_name(*made_with)}; "
+                    f"give its data to embed them anew with {_embedder_name(embedder.model_id, embedder.prefix)}."
                 )
             sample_embeddings[name] = experts[name].sample_embeddings
     embeddings = embedder.embed([chosen[name] for name in metas])
@@ -146,6 +158,9 @@ def describe_experts(
     try:
         for (name, (directory, meta)), embedding in zip(metas.items(), embeddings):
             new_meta = {**meta, "instruction": chosen[name], "embedding_model": embedder.model_id}
+            new_meta.pop("embedding_prefix", None)  # absent means none: files without a prefix stay as they were
+            if embedder.prefix:
+                new_meta["embedding_prefix"] = embedder.prefix
             tensors = expert_tensors(experts[name], embedding, sample_embeddings.get(name))
             staged += stage_expert_files(directory, new_meta, tensors)
         replace_expert_files(staged)
@@ -153,6 +168,10 @@ def describe_experts(
         for source, _ in staged:
             source.unlink(missing_ok=True)
     return chosen
+
+
+def _embedder_name(model_id: str | None, prefix: str) -> str:
+    return f"{model_id!r} with the prefix {prefix!r}" if prefix else repr(model_id)
 
 
 def expert_tensors(

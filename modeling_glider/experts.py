@@ -4,7 +4,8 @@ An expert directory holds:
 - `adapter_config.json` and `adapter_model.safetensors`: a plain PEFT LoRA adapter as `PeftModel.save_pretrained`
   writes it, so every expert stays usable by PEFT alone;
 - `glider_expert.json`: `{"name": ..., "instruction": ...}` (optionally `"embedding_model"`: the sentence
-  embedder of `instruction_embedding`; and `"weights_sha256"`: that of the `glider_expert.safetensors` written with it);
+  embedder of `instruction_embedding`; `"embedding_prefix"`: the text it put before the instruction, absent for none;
+  and `"weights_sha256"`: that of the `glider_expert.safetensors` written with it);
 - `glider_expert.safetensors`: `gate.<module path>` -> `[d_in]` for every adapted linear (Phatgoose gates), and
   optionally `instruction_embedding` -> `[D]` and `sample_embeddings` -> `[n, D]` (embedded inputs of the expert's
   training data, same embedder: what the global router's fitted descriptors learn from).
@@ -143,6 +144,7 @@ class Expert:
     instruction_embedding: torch.Tensor | None = None
     sample_embeddings: torch.Tensor | None = None  # [n, D]
     embedding_model: str | None = None
+    embedding_prefix: str = ""  # put before the instruction (and its samples) when they were embedded
     directory: Path | None = None  # where its files are: a build reads the tensors of an expert read as a header here
 
     @property
@@ -167,7 +169,7 @@ def read_expert_meta(directory: Path, who: str) -> dict:
     """An expert's `glider_expert.json`, which must name it."""
     meta = read_json_object(directory / EXPERT_CONFIG, who)
     check_name(meta.get("name"), f"{who}: {EXPERT_CONFIG} 'name'")
-    for key in ("instruction", "embedding_model", "source"):
+    for key in ("instruction", "embedding_model", "embedding_prefix", "source"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise ValueError(f"{who}: {EXPERT_CONFIG} '{key}' must be a string, got {meta[key]!r}.")
     return meta
@@ -321,6 +323,7 @@ def _read_expert(spec: str | os.PathLike, name: str | None, tensors: bool) -> Ex
         instruction_embedding=instruction_embedding,
         sample_embeddings=sample_embeddings,
         embedding_model=meta.get("embedding_model"),
+        embedding_prefix=meta.get("embedding_prefix") or "",
         directory=directory,
     )
 
@@ -333,6 +336,7 @@ def save_expert_files(
     instruction_embedding: torch.Tensor | None = None,
     embedding_model: str | None = None,
     sample_embeddings: torch.Tensor | None = None,
+    embedding_prefix: str = "",
 ) -> None:
     """Write `glider_expert.json` and `glider_expert.safetensors` next to a PEFT adapter (see `write_expert_files`)."""
     directory = Path(directory)
@@ -344,6 +348,8 @@ def save_expert_files(
     meta = {"name": name, "instruction": instruction}
     if embedding_model is not None:
         meta["embedding_model"] = embedding_model
+    if embedding_prefix:
+        meta["embedding_prefix"] = embedding_prefix
     write_expert_files(directory, meta, tensors)
 
 
@@ -527,13 +533,14 @@ def arrow_prototype(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
     return (prototype * prototype[prototype.abs().argmax()].sign()).float()
 
 
-def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None]:
-    """The width and embedding model of the experts' instruction embeddings: all experts have one, or none has."""
+def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None, str]:
+    """The width, embedding model and prefix of the experts' instruction embeddings: all experts have one, or none
+    has."""
     with_embedding = [e.name for e in experts if e.instruction_embedding is not None]
     if not with_embedding:
         for expert in experts:
             _check_samples(expert, None)  # samples without a global router would be dropped silently
-        return None, None
+        return None, None, ""
     if len(with_embedding) != len(experts):
         missing = [e.name for e in experts if e.instruction_embedding is None]
         raise ValueError(
@@ -547,7 +554,10 @@ def _check_embeddings(experts: list[Expert]) -> tuple[int | None, str | None]:
     models = {e.embedding_model for e in experts}
     if len(models) > 1:
         raise ValueError(f"Experts' instructions were embedded with different models: {sorted(map(str, models))}.")
-    return widths[experts[0].name], models.pop()
+    prefixes = {e.name: e.embedding_prefix for e in experts}
+    if len(set(prefixes.values())) > 1:  # the same model with another prefix embeds into another space
+        raise ValueError(f"Experts' instructions were embedded with different prefixes (embedding_prefix): {prefixes}.")
+    return widths[experts[0].name], models.pop(), prefixes[experts[0].name]
 
 
 def check_sample_embeddings(rows, who: str, width: int | None = None) -> None:
@@ -647,7 +657,7 @@ def build_glider_model(cls, base, expert_dirs: list, dtype: torch.dtype | str | 
         _check_against_base(expert, linears, base_name)
     _check_base_names(experts)
 
-    embedding_dim, embedding_model = _check_embeddings(experts)
+    embedding_dim, embedding_model, embedding_prefix = _check_embeddings(experts)
 
     base_config = base.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
@@ -660,6 +670,13 @@ def build_glider_model(cls, base, expert_dirs: list, dtype: torch.dtype | str | 
                 f"from_experts() cannot set {key}={value!r}: the experts were made with {key}={fixed[key]!r} (the "
                 "base model's config, or the experts' files)."
             )
+    # Experts that record no prefix (converted or hand-made ones) take the one given; recorded ones are fixed.
+    given_prefix = config_fields.get("instruction_embedding_prefix", embedding_prefix) or ""
+    if embedding_prefix and given_prefix != embedding_prefix:
+        raise ValueError(
+            f"from_experts() cannot set instruction_embedding_prefix={config_fields['instruction_embedding_prefix']!r}"
+            f": the experts' instructions were embedded with the prefix {embedding_prefix!r} (their embedding_prefix)."
+        )
 
     if dtype is not None:
         base_config["dtype"] = str(dtype).removeprefix("torch.")
@@ -669,6 +686,7 @@ def build_glider_model(cls, base, expert_dirs: list, dtype: torch.dtype | str | 
             "experts": [_config_entry(e, linears) for e in experts],
             "instruction_embedding_dim": embedding_dim,
             "instruction_embedding_model": embedding_model,
+            "instruction_embedding_prefix": embedding_prefix or None,
             "base_model_name_or_path": base_name or None,
             **config_fields,
         }
@@ -803,6 +821,11 @@ def add_expert(model, directory: str | os.PathLike) -> None:
             raise ValueError(
                 f"{who}: instruction embedded with {expert.embedding_model!r}, the library's with "
                 f"{config.instruction_embedding_model!r}."
+            )
+        if expert.embedding_prefix != (config.instruction_embedding_prefix or ""):
+            raise ValueError(
+                f"{who}: instruction embedded with the prefix {expert.embedding_prefix!r} (embedding_prefix), the "
+                f"library's with {config.instruction_embedding_prefix or ''!r} (instruction_embedding_prefix)."
             )
     entry = GliderConfig._normalise_expert(len(config.experts), _config_entry(expert, linears))
     gates = _router_gates(expert, entry, config, linears)

@@ -16,7 +16,7 @@ from benchmarks.glider_mini.library import export_experts
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.cli import main
 from modeling_glider.describe import describe_experts
-from modeling_glider.embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedder, load_embedder
+from modeling_glider.embedding import DEFAULT_EMBEDDING_MODEL, InstructionEmbedder, load_config_embedder, load_embedder
 from modeling_glider.routing import DESCRIPTOR_LEARNING_RATE, DESCRIPTOR_STEPS, DESCRIPTOR_TEMPERATURE
 from modeling_glider.training import train_expert, train_gates
 from tests.conftest import EMBED_DIM, make_base, make_expert
@@ -29,14 +29,15 @@ COUNTS = [6, 3, 9, 5, 0]  # "plain" has no samples
 class LetterEmbedder(InstructionEmbedder):
     """Embeddings without a model: counts of eight letters in the text, normalised. A fixed, independent function."""
 
-    def __init__(self, model_id: str = "letter-counts", letters: str = "abcdefgh"):
-        self.model_id, self.letters, self.prefix, self.location = model_id, letters, "", model_id
+    def __init__(self, model_id: str = "letter-counts", letters: str = "abcdefgh", prefix: str = ""):
+        self.model_id, self.letters, self.prefix, self.location = model_id, letters, prefix, model_id
 
     @property
     def dim(self) -> int:
         return len(self.letters)
 
     def embed(self, texts):
+        texts = [self.prefix + text for text in texts]
         counts = torch.tensor([[1.0 + text.lower().count(c) for c in self.letters] for text in texts])
         return counts / counts.norm(dim=1, keepdim=True)
 
@@ -422,6 +423,44 @@ def test_cli_describe_experts_embeds_n_samples(undescribed, tmp_path, capsys):
     assert rows.shape == (3, 384)
     rows_are_embedded_inputs(rows, inputs, load_embedder(DEFAULT_EMBEDDING_MODEL))
     assert "sample_embeddings" not in load_file(undescribed[1] / "glider_expert.safetensors")
+
+
+PREFIX = "search_query: "
+
+
+def assert_embedded_with_prefix(directory: Path, prefix: str) -> None:
+    """The expert's instruction embedding is MiniLM's embedding of `prefix + instruction`, computed here by the
+    embedder without a prefix, and the file records the prefix (no key for none)."""
+    meta = json.loads((directory / "glider_expert.json").read_text())
+    assert meta.get("embedding_prefix", "") == prefix and meta["embedding_model"] == DEFAULT_EMBEDDING_MODEL
+    plain = load_embedder(DEFAULT_EMBEDDING_MODEL)
+    expected = plain.embed([prefix + meta["instruction"]])[0]
+    got = load_file(directory / "glider_expert.safetensors")["instruction_embedding"]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if prefix:  # the prefix matters
+        assert not torch.allclose(plain.embed([meta["instruction"]])[0], expected, atol=1e-3)
+
+
+def test_describe_with_a_prefix_records_it_and_the_build_takes_it(undescribed, base):
+    describe_experts(undescribed, embedder=load_embedder(DEFAULT_EMBEDDING_MODEL, prefix=PREFIX))
+    for directory in undescribed:
+        assert_embedded_with_prefix(directory, PREFIX)
+    glider = GliderT5ForConditionalGeneration.from_experts(base, undescribed, top_k=2)
+    assert glider.config.instruction_embedding_prefix == PREFIX
+    assert load_config_embedder(glider.config).prefix == PREFIX  # queries are embedded alike
+
+    describe_experts(undescribed, embedder=load_embedder(DEFAULT_EMBEDDING_MODEL))  # again without: the key goes
+    for directory in undescribed:
+        assert_embedded_with_prefix(directory, "")
+    glider = GliderT5ForConditionalGeneration.from_experts(base, undescribed, top_k=2)
+    assert glider.config.instruction_embedding_prefix is None
+
+
+def test_cli_describe_experts_embeds_with_the_prefix(undescribed, capsys):
+    assert main(["describe-experts", *map(str, undescribed[:2]), "--embedding-prefix", PREFIX]) == 0
+    capsys.readouterr()
+    for directory in undescribed[:2]:
+        assert_embedded_with_prefix(directory, PREFIX)
 
 
 # 5. The pipeline

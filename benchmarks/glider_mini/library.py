@@ -71,6 +71,7 @@ def export_experts(model: GliderT5ForConditionalGeneration, directory: str | Pat
             None if embeddings is None else embeddings[index],
             model.config.instruction_embedding_model,
             samples[index],
+            model.config.instruction_embedding_prefix or "",
         )
         dirs.append(target)
     return dirs

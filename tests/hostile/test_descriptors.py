@@ -8,6 +8,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 
+from benchmarks.glider_mini.library import export_experts
 from modeling_glider import GliderT5ForConditionalGeneration
 from modeling_glider.describe import describe_experts
 from modeling_glider.training import train_expert
@@ -272,6 +273,9 @@ DESCRIBE_CASES = [
     ({"samples": 2, "data": {"beta": ["abc", 7]}}, r"Expert 'beta'.*'input'"),
     ({"samples": 2, "data": {"beta": ["abc", "   "]}}, r"Expert 'beta'.*'input'"),
     ({"embedder": LetterEmbedder(letters="abcdef")}, r"Expert 'alpha'.*8 wide.*6"),
+    ({"embedder": LetterEmbedder(prefix="q: ")}, r"Expert 'alpha'.*made with 'letter-counts';.*'letter-counts' with the prefix 'q: '"),
+    ({"embedding_prefix": 5}, r"embedding_prefix must be a text, got 5"),
+    ({"embedding_prefix": "p: "}, r"embedding_prefix='p: ', but the embedder given puts ''"),
 ]  # fmt: skip
 
 
@@ -286,7 +290,12 @@ def test_describe_refusals_write_nothing(described, kwargs, message):
 
 @pytest.mark.parametrize(
     "argv, culprit",
-    [(["--samples", "-1"], "--samples"), (["--samples", "2"], "samples=2"), (["--samples", "x"], "--samples")],
+    [
+        (["--samples", "-1"], "--samples"),
+        (["--samples", "2"], "samples=2"),
+        (["--samples", "x"], "--samples"),
+        (["--embedding-prefix", "q: "], "with the prefix 'q: '"),  # alpha's kept samples were embedded without it
+    ],
 )
 def test_cli_describe_samples_errors_are_one_line(described, capsys, argv, culprit):
     root, dirs = described
@@ -294,6 +303,64 @@ def test_cli_describe_samples_errors_are_one_line(described, capsys, argv, culpr
     code, line = run_failing(["describe-experts", *map(str, dirs), *argv], capsys)
     assert code != 0 and culprit in line, line
     assert tree_hashes(root) == before
+
+
+# Embedding prefixes: experts embedded with different prefixes live in different spaces
+
+
+def describe_with_prefixes(root, base, prefixes: dict[str, str]) -> list:
+    dirs = [make_expert(root, base, name, r=2, targets=("q",), seed=i, instruction=f"Do {name}.") for i, name in enumerate(prefixes)]  # fmt: skip
+    for directory, prefix in zip(dirs, prefixes.values()):
+        describe_experts([directory], embedder=LetterEmbedder(prefix=prefix))
+    return dirs
+
+
+PREFIX_BUILD_CASES = [
+    ({"alpha": "q: ", "beta": ""}, {}, ["different prefixes", "'alpha': 'q: '", "'beta': ''"]),
+    ({"alpha": "", "beta": "q: "}, {}, ["different prefixes", "'alpha': ''", "'beta': 'q: '"]),
+    ({"alpha": "q: ", "beta": "q: "}, {"instruction_embedding_prefix": "p: "}, ["instruction_embedding_prefix='p: '", "'q: '"]),
+    ({"alpha": "q: ", "beta": "q: "}, {"instruction_embedding_prefix": ""}, ["instruction_embedding_prefix=''", "'q: '"]),
+    ({"alpha": "q: ", "beta": "q: "}, {"instruction_embedding_prefix": None}, ["instruction_embedding_prefix=None", "'q: '"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("prefixes, kwargs, culprits", PREFIX_BUILD_CASES)
+def test_build_refuses_experts_and_keywords_that_disagree_on_the_prefix(tmp_path, base, prefixes, kwargs, culprits):
+    dirs = describe_with_prefixes(tmp_path, base, prefixes)
+    before = tree_hashes(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=1, **kwargs)
+    for culprit in culprits:
+        assert culprit in str(caught.value), (culprit, str(caught.value))
+    assert tree_hashes(tmp_path) == before
+
+
+def test_build_takes_the_experts_prefix(tmp_path, base):
+    dirs = describe_with_prefixes(tmp_path, base, {"alpha": "q: ", "beta": "q: "})
+    for kwargs in ({}, {"instruction_embedding_prefix": "q: "}):
+        model = GliderT5ForConditionalGeneration.from_experts(base, dirs, top_k=1, **kwargs)
+        assert model.config.instruction_embedding_prefix == "q: "
+    exported = export_experts(model, tmp_path / "exported")  # the library's experts as files keep the prefix
+    assert all(json.loads((d / "glider_expert.json").read_text())["embedding_prefix"] == "q: " for d in exported)
+    again = GliderT5ForConditionalGeneration.from_experts(base, exported, top_k=1)
+    assert again.config.instruction_embedding_prefix == "q: "
+
+
+@pytest.mark.parametrize("library, added", [("q: ", ""), ("", "q: "), ("q: ", "p: ")])
+def test_add_expert_refuses_another_prefix_and_changes_nothing(tmp_path, base, library, added):
+    dirs = describe_with_prefixes(tmp_path, base, {"alpha": library, "beta": library, "gamma": added})
+    model = GliderT5ForConditionalGeneration.from_experts(base, dirs[:2], top_k=1)
+    saved_state, saved_experts = state(model), [dict(e) for e in model.config.experts]
+    before = tree_hashes(tmp_path)
+    with pytest.raises(ValueError) as caught:
+        model.add_expert(dirs[2])
+    for culprit in ("'gamma'", f"prefix {added!r}", f"library's with {library!r}"):
+        assert culprit in str(caught.value), (culprit, str(caught.value))
+    assert_same_model(model, saved_state, saved_experts)
+    assert model.config.instruction_embedding_prefix == (library or None) and tree_hashes(tmp_path) == before
+    describe_experts([dirs[2]], embedder=LetterEmbedder(prefix=library))  # embedded alike: added
+    model.add_expert(dirs[2])
+    assert model.config.expert_names == ["alpha", "beta", "gamma"]
 
 
 # train_expert

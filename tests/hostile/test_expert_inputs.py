@@ -152,6 +152,8 @@ def test_adapter_configs_that_change_the_meaning_or_are_invalid_are_refused(tmp_
         ({"instruction": 123}, "'instruction'"),
         ({"instruction": ["a", "b"]}, "'instruction'"),
         ({"embedding_model": {"id": "x"}}, "'embedding_model'"),
+        ({"embedding_prefix": 5}, "'embedding_prefix'"),
+        ({"embedding_prefix": ["search_query: "]}, "'embedding_prefix'"),
         ({"name": 5}, "5"),
         ({"name": None}, "None"),
     ],

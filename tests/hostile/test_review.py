@@ -447,7 +447,7 @@ def test_convert_of_no_checkpoints_is_refused(tmp_path):
 
 class LetterEmbedder(InstructionEmbedder):
     def __init__(self):
-        self.model_id, self.dim = "letter-counts", 8
+        self.model_id, self.dim, self.prefix = "letter-counts", 8, ""
 
     def embed(self, texts):
         counts = torch.tensor([[1.0 + text.lower().count(c) for c in "abcdefgh"] for text in texts])
@@ -603,6 +603,7 @@ ADD_CASES = {
         "instruction_embedding",
     ),
     "no glider_expert.json": (lambda d: (d / "glider_expert.json").unlink(), "glider_expert.json"),
+    "embedded with a prefix": (_json_edit("glider_expert.json", embedding_prefix="search_query: "), "'search_query: '"),
     "lora_A of another width": (
         _tensors_edit(
             "adapter_model.safetensors",

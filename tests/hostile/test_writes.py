@@ -54,7 +54,7 @@ class LetterEmbedder(InstructionEmbedder):
     """Embeddings without a model: counts of eight letters in the text, normalised. A fixed, independent function."""
 
     def __init__(self):
-        self.model_id = "letter-counts"
+        self.model_id, self.prefix = "letter-counts", ""
 
     def embed(self, texts):
         counts = torch.tensor([[1.0 + text.lower().count(c) for c in "abcdefgh"] for text in texts])
