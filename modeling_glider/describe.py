@@ -4,8 +4,9 @@ embedded samples of its inputs.
 An expert's instruction is human-written (given, or already in its `glider_expert.json`) or written by an
 instruction generator from k random samples of the expert's data. All instructions are embedded by one
 `InstructionEmbedder`, whose id and prefix go into `glider_expert.json` (`embedding_model`, and `embedding_prefix`
-when the prefix is not empty) so that a GliderT5 built from the experts records them and embeds queries alike. With `samples=N`, N random inputs of each expert's data are embedded by the same embedder
-(`sample_embeddings`), for the global router's fitted descriptors (`global_routing_descriptor="samples"`).
+when the prefix is not empty) so that a GliderT5 built from the experts records them and embeds queries alike. With
+`samples=N`, N random inputs of each expert's data are embedded by the same embedder (`sample_embeddings`), for the
+global router's fitted descriptors (`global_routing_descriptor="samples"`).
 
 Nothing is written unless every expert was read and checked in full and got its instruction and embedding. Then every
 expert's new files are written beside the old ones, and only when all are written are they renamed over the old
