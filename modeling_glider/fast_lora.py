@@ -47,21 +47,34 @@ def mixture_costs(
     """Each exact formulation's cost, in bytes (see above), for `tokens` tokens routed to `k` of `num_experts` experts
     of rank `rank` (the stacked tensors' padded rank). The experts in use are taken at their most, min(E, tokens k).
     Operators as the functions below dispatch them."""
-    operator = OPERATOR_BYTES["cpu" if device_type == "cpu" else "accelerator"]
+    operator = OPERATOR_BYTES[device_kind(device_type)]
     half_on_cpu = device_type == "cpu" and element_size == 2
     matmul = CPU_HALF_MATMUL_BYTES if half_on_cpu else operator
     pairs = tokens * k
     used = min(num_experts, pairs)
     expert = rank * (d_in + d_out) * element_size  # one expert's A and B
     rows = 2 * pairs * (d_in + rank + d_out) * element_size  # grouped: each pair's input, hidden and output rows
-    if grouped_mm:  # two grouped matmuls over every expert's group
-        grouped = 2 * matmul + 8 * operator + 2 * num_experts * GROUPED_MM_GROUP_BYTES + used * expert + rows
-    else:  # a loop over the experts in use: two matmuls each, and three more operators (six where counts are padded)
-        grouped = 5 * operator + used * (2 * matmul + (6 if half_on_cpu else 3) * operator + expert) + rows
+    # a loop over the experts in use: two matmuls each, and three more operators (six where counts are padded)
+    grouped = 5 * operator + used * (2 * matmul + (6 if half_on_cpu else 3) * operator + expert) + rows
+    if grouped_mm:  # or two grouped matmuls over every expert's group, whichever costs less (`grouped_mm_pays`)
+        grouped = min(
+            grouped, 2 * matmul + 8 * operator + 2 * num_experts * GROUPED_MM_GROUP_BYTES + used * expert + rows
+        )
     return {
         "gather": 2 * matmul + 5 * operator + 2 * pairs * expert,  # each token's k experts copied, then read
         "grouped": grouped,
     }
+
+
+def device_kind(device: torch.device | str) -> str:
+    """The kind of hardware `OPERATOR_BYTES` knows a device as: "cpu" or "accelerator"."""
+    return "cpu" if torch.device(device).type == "cpu" else "accelerator"
+
+
+def grouped_mm_pays(used: int, num_experts: int) -> bool:
+    """Whether two grouped matmuls over all `num_experts` groups cost less than the loop over the `used` experts in use
+    (fp32 on CPU; the terms of `mixture_costs`)."""
+    return 2 * num_experts * GROUPED_MM_GROUP_BYTES <= 5 * (used - 1) * OPERATOR_BYTES["cpu"]
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of a call's shapes, asked at every routed linear
@@ -143,10 +156,12 @@ def grouped_mixture_of_lora(
     weights = scaled_weights.reshape(-1).index_select(0, order)[:, None]
     x, out = x.reshape(-1, d_in), y.view(-1, y.shape[-1])
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    if grouped_mm_applies(x, lora_A, lora_B):
-        # Every expert's matmul pair in one grouped matmul each (groups: the experts' runs of pairs, empty ones
-        # included): a dozen operators whatever the number of experts in use, and no wait for the host.
-        ends = torch.bincount(flat, minlength=lora_A.shape[0]).cumsum(0).to(torch.int32)
+    counts = torch.bincount(flat, minlength=lora_A.shape[0])
+    # Every expert's matmul pair in one grouped matmul each (groups: the experts' runs of pairs, empty ones included):
+    # a dozen operators whatever the number of experts in use, but a cost per group; on CPU, where counting the
+    # experts in use waits for nothing, the loop below serves calls that use few of many experts.
+    if grouped_mm_applies(x, lora_A, lora_B) and grouped_mm_pays(int(counts.count_nonzero()), lora_A.shape[0]):
+        ends = counts.cumsum(0).to(torch.int32)
         hidden = torch._grouped_mm(x.index_select(0, tokens), lora_A.transpose(1, 2), offs=ends) * weights
         out.index_add_(0, tokens, torch._grouped_mm(hidden, lora_B.transpose(1, 2), offs=ends), alpha=scaling)
         return y
@@ -155,7 +170,7 @@ def grouped_mixture_of_lora(
     # to a power of two there, the extra rows weighing 0 (at most twice the LoRA work, a handful of shapes).
     bucket = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
     end = 0
-    for expert, count in enumerate(torch.bincount(flat, minlength=lora_A.shape[0]).tolist()):
+    for expert, count in enumerate(counts.tolist()):
         if count:
             rows, rows_weights = tokens[end : end + count], weights[end : end + count]
             if bucket and count & (count - 1):

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_lora import cheapest_mixture, gathered_mixture_of_lora, grouped_mixture_of_lora, grouped_mm_applies
+from .fast_lora import (
+    OPERATOR_BYTES,
+    cheapest_mixture,
+    device_kind,
+    gathered_mixture_of_lora,
+    grouped_mixture_of_lora,
+    grouped_mm_applies,
+)
 
 ROUTER_LAYER_NORM_EPS = 1e-5
 REFERENCE_RENORMALISATION_EPS = 1e-6  # the authors' code renormalises top-k weights as w / (sum(w) + 1e-6)
@@ -30,10 +37,15 @@ def phatgoose_gates(gates: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(gates.float(), gates.shape[-1:], eps=ROUTER_LAYER_NORM_EPS) / math.sqrt(gates.shape[-1])
 
 
+def phatgoose_inputs(x: torch.Tensor) -> torch.Tensor:
+    """LN(x) in fp32, LN without affine parameters: the gate-independent half of `phatgoose_logits`."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS)
+
+
 def phatgoose_logits(x: torch.Tensor, normalised_gates: torch.Tensor) -> torch.Tensor:
     """local_e = LN(x) . LN(v_e) / sqrt(d_in) in fp32, the gates given as `phatgoose_gates(v)`. [..., d] -> [..., E];
     `[N, d]` against the gates of L linears `[L, E, d]` -> `[L, N, E]`."""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=ROUTER_LAYER_NORM_EPS) @ normalised_gates.mT
+    return phatgoose_inputs(x) @ normalised_gates.mT
 
 
 def arrow_logits(x: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -116,7 +128,8 @@ def route_siblings(
     linears: tuple["GliderLinear", ...], x: torch.Tensor, global_routing_logits: torch.Tensor | None = None, **_
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
     """Each linear's `route(x, global_routing_logits)` for linears that read the same input (q, k, v; wi_0, wi_1),
-    computed once for all: one LayerNorm of x, one logits matmul against all their gates, one top-k over `[L, ..., E]`.
+    computed once for all: one LayerNorm of x, one logits matmul against all their gates (or one per linear, where
+    copying the gates together costs more than the operators it saves), one top-k over `[L, ..., E]`.
     Only where they route alike: the same experts, in memory on x's device, among every expert (no `router_candidates`
     narrowing); otherwise None for each, and each linear routes itself. The other routing arguments (`**_`) do not
     change the weights of this path."""
@@ -133,12 +146,24 @@ def route_siblings(
         or any(linear.router_gate.device != x.device for linear in linears)
     ):
         return (None,) * len(linears)
-    gates = torch.stack([linear.router_gate for linear in linears])  # [L, E, d_in]
     tokens = x.reshape(-1, x.shape[-1])
     if config.local_router == "arrow":
-        logits = arrow_logits(tokens, gates, config.arrow_temperature)
+
+        def local_logits(gates):
+            return arrow_logits(tokens, gates, config.arrow_temperature)
     else:
-        logits = phatgoose_logits(tokens, phatgoose_gates(gates))
+        tokens = phatgoose_inputs(tokens)  # LN(x), once for all
+
+        def local_logits(gates):
+            return tokens @ phatgoose_gates(gates).mT
+
+    # One matmul against every gate needs them in one tensor: a copy, worth it where it moves fewer bytes than the
+    # three operators per further linear it saves cost (the cost model of `fast_lora.py`): small gates, few experts.
+    gates = [linear.router_gate for linear in linears]
+    if 2 * sum(gate.nbytes for gate in gates) <= 3 * (len(gates) - 1) * OPERATOR_BYTES[device_kind(x.device)]:
+        logits = local_logits(torch.stack(gates))  # [L, tokens, E]
+    else:
+        logits = torch.stack([local_logits(gate) for gate in gates])
     logits = logits.view(len(linears), *x.shape[:-1], first.num_experts)  # [L, batch, tokens, E], rows contiguous
     if global_routing_logits is not None:
         global_logits = global_routing_logits.to(x.device)

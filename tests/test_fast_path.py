@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from configuration_glider import GliderConfig
-from modeling_glider import GliderT5ForConditionalGeneration
+from modeling_glider import GliderT5ForConditionalGeneration, routing
 from modeling_glider.fast_lora import (
     gathered_mixture_of_lora,
     grouped_mixture_of_lora,
@@ -32,6 +32,7 @@ from tests.test_routing_math import heterogeneous_library, naive_model  # noqa: 
 D_IN, D_OUT = 32, 48
 PATH = "encoder.block.0.layer.0.SelfAttention.q"
 FAST = ("gather", "grouped")
+real_grouped_mm = torch._grouped_mm
 LONG = 64  # inputs of more tokens than this are "long": the encoder's calls route hundreds of (token, expert) pairs
 
 
@@ -113,17 +114,21 @@ def test_gather_reads_shared_experts_once_with_the_same_result(rows_share_expert
     torch.testing.assert_close(halved, expected / 2, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rank, grad", [(8, False), (5, False), (8, True)])
-def test_grouped_matmuls_and_loop_equal_a_naive_per_token_loop(rank, grad):
-    """The grouped path as two grouped matmuls (fp32, 16-byte strides, no autograd) and as its loop over experts (rank
-    5 breaks the strides; autograd) both equal w s B A x summed per token in a Python loop; unused and repeated
-    experts included."""
-    num_experts, tokens, k = 6, 40, 3
+@pytest.mark.parametrize(
+    "rank, grad, num_experts, used", [(8, False, 6, 5), (5, False, 6, 5), (8, True, 6, 5), (8, False, 64, 3)]
+)
+def test_grouped_matmuls_and_loop_equal_a_naive_per_token_loop(rank, grad, num_experts, used, monkeypatch):
+    """The grouped path as two grouped matmuls (fp32, 16-byte strides, no autograd, enough of the experts in use) and
+    as its loop over experts (rank 5 breaks the strides; autograd; 3 of 64 experts in use) both equal w s B A x summed
+    per token in a Python loop; unused and repeated experts included."""
+    tokens, k = 40, 3
     generator = torch.Generator().manual_seed(3)
     A = torch.randn(num_experts, rank, D_IN, generator=generator).requires_grad_(grad)
     B = torch.randn(num_experts, D_OUT, rank, generator=generator)
     x = torch.randn(2, tokens // 2, D_IN, generator=generator)
-    indices = torch.randint(0, num_experts - 1, (2, tokens // 2, k), generator=generator)  # the last expert unused
+    indices = torch.randint(0, used, (2, tokens // 2, k), generator=generator)  # the experts above `used` unused
+    grouped_mm_calls = []
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: grouped_mm_calls.append(1) or real_grouped_mm(*a, **kw))
     weights = torch.rand(indices.shape, generator=generator)
     y = torch.randn(2, tokens // 2, D_OUT, generator=generator)
     expected = y.clone()
@@ -134,14 +139,18 @@ def test_grouped_matmuls_and_loop_equal_a_naive_per_token_loop(rank, grad):
     with torch.set_grad_enabled(grad):
         assert grouped_mm_applies(x, A, B) == (rank % 4 == 0 and not grad)
         got = grouped_mixture_of_lora(y.clone(), x, weights, indices, A, B, scaling=0.25)
+    assert bool(grouped_mm_calls) == (rank % 4 == 0 and not grad and num_experts < 64)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stack_gates", [True, False])
 @pytest.mark.parametrize("local_router", ["phatgoose", "arrow"])
 @pytest.mark.parametrize("top_p, use_global", [(None, True), (0.6, True), (None, False)])
-def test_siblings_route_together_as_each_alone(local_router, top_p, use_global):
-    """q, k and v routed together (one LayerNorm, one logits matmul, one top-k) give each linear its own routing; linears
-    adapted by different experts, or narrowed to candidates, route alone (None)."""
+def test_siblings_route_together_as_each_alone(local_router, top_p, use_global, stack_gates, monkeypatch):
+    """q, k and v routed together (one LayerNorm, one logits matmul or one per linear, one top-k) give each linear its
+    own routing; linears adapted by different experts, or narrowed to candidates, route alone (None)."""
+    # the cost of an operator decides whether the gates are stacked for one matmul: none, or too much to pay
+    monkeypatch.setitem(routing.OPERATOR_BYTES, "cpu", 10**12 if stack_gates else 0)
     experts = [{"name": f"e{i}", "target_modules": ["q", "k", "v"], "r": 4, "lora_alpha": 4} for i in range(5)]
     config = GliderConfig(experts=experts, router_top_k=2, router_top_p=top_p, local_router=local_router)
     prefix = "encoder.block.0.layer.0.SelfAttention"
