@@ -43,15 +43,16 @@ def mixture_costs(
     element_size: int,
     device_type: str,
     grouped_mm: bool,
+    used: int | None = None,
 ) -> dict[str, float]:
     """Each exact formulation's cost, in bytes (see above), for `tokens` tokens routed to `k` of `num_experts` experts
-    of rank `rank` (the stacked tensors' padded rank). The experts in use are taken at their most, min(E, tokens k).
+    of rank `rank` (the stacked tensors' padded rank), `used` of them in use (unknown: at most min(E, tokens k)).
     Operators as the functions below dispatch them."""
     operator = OPERATOR_BYTES[device_kind(device_type)]
     half_on_cpu = device_type == "cpu" and element_size == 2
     matmul = CPU_HALF_MATMUL_BYTES if half_on_cpu else operator
     pairs = tokens * k
-    used = min(num_experts, pairs)
+    used = min(num_experts, pairs) if used is None else used
     expert = rank * (d_in + d_out) * element_size  # one expert's A and B
     rows = 2 * pairs * (d_in + rank + d_out) * element_size  # grouped: each pair's input, hidden and output rows
     # a loop over the experts in use: two matmuls each, and three more operators (six where counts are padded)
@@ -60,10 +61,27 @@ def mixture_costs(
         grouped = min(
             grouped, 2 * matmul + 8 * operator + 2 * num_experts * GROUPED_MM_GROUP_BYTES + used * expert + rows
         )
-    return {
-        "gather": 2 * matmul + 5 * operator + 2 * pairs * expert,  # each token's k experts copied, then read
-        "grouped": grouped,
-    }
+    if device_type == "cpu" and tokens >= 8 and rows_share_experts(used, pairs, k):
+        # each expert in use copied once and read, every token through each of them (weight 0 where not chosen)
+        gather = 2 * matmul + 7 * operator + 2 * used * expert + 2 * used * tokens * (rank + d_out) * element_size
+    else:  # each token's k experts copied, then read
+        gather = 2 * matmul + 5 * operator + 2 * pairs * expert
+    return {"gather": gather, "grouped": grouped}
+
+
+def rows_share_experts(used: int, pairs: int, k: int) -> bool:
+    """Whether the gather path reads each of the `used` experts in use once rather than per (token, expert) pair: the
+    product over the experts in use costs used/k times the per-token one, hence the cap."""
+    return 2 * used <= pairs and used <= 5 * k
+
+
+def experts_in_use(indices: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The experts the (token, expert) pairs name and each pair's place among them (`unique`), for calls of 8 rows or
+    more on CPU out of compiled graphs; None elsewhere: few rows rarely share experts, and on accelerators and in
+    compiled graphs `unique` would wait for the host (its size depends on the data)."""
+    if x.shape[:-1].numel() >= 8 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return indices.reshape(-1).unique(return_inverse=True)
+    return None
 
 
 def device_kind(device: torch.device | str) -> str:
@@ -92,21 +110,21 @@ def gathered_mixture_of_lora(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float = 1.0,
+    in_use: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`y` plus, per token, the sum over its k experts of w s B A x, without a loop: gathers and batched matmuls."""
+    """`y` plus, per token, the sum over its k experts of w s B A x, without a loop: gathers and batched matmuls.
+    `in_use`: `experts_in_use(indices, x)`, if the caller has it."""
     *lead, d_in = x.shape
     k, r, d_out = indices.shape[-1], lora_A.shape[1], lora_B.shape[1]
     flat = indices.reshape(-1)
     tokens = flat.numel() // k
     lora_A, lora_B, x = lora_A.to(x.dtype), lora_B.to(x.dtype), x.reshape(tokens, d_in)
-    # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth reading
-    # once; the product over the experts in use costs used/k times the per-token one, hence the cap. Finding them out
-    # takes a sort: skipped for few rows, which rarely share enough, and on accelerators and in compiled graphs, where
-    # `unique` would synchronise with the host at every linear (its output's size depends on the data).
-    if tokens >= 8 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        experts, slot = flat.unique(return_inverse=True)
+    # Rows that share experts (the beams of a query, queries of one task) make each expert's weights worth reading once.
+    in_use = experts_in_use(flat, x) if in_use is None else in_use
+    if in_use is not None:
+        experts, slot = in_use
         used = experts.numel()
-        if 2 * used <= flat.numel() and used <= 5 * k:
+        if rows_share_experts(used, flat.numel(), k):
             mix = x.new_zeros(tokens, used).scatter_add_(1, slot.view(tokens, k), scaled_weights.view(tokens, k))
             hidden = (x @ lora_A.index_select(0, experts).view(used * r, d_in).T).view(tokens, used, r)
             hidden = (hidden * mix[:, :, None]).transpose(0, 1)  # [used, tokens, r]

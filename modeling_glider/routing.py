@@ -23,6 +23,7 @@ from .fast_lora import (
     OPERATOR_BYTES,
     cheapest_mixture,
     device_kind,
+    experts_in_use,
     gathered_mixture_of_lora,
     grouped_mixture_of_lora,
     grouped_mm_applies,
@@ -347,7 +348,6 @@ class GliderLinear(nn.Linear):
         if not self.num_experts:
             return y
         lora_A, lora_B, gates, rows = self.expert_storage(expert_lease)
-        implementation = self.lora_implementation(x, lora_A, lora_B)
         if sibling_routing is None:
             weights, indices = self.route(x, global_routing_logits, routing_candidates, gates, rows)
         else:
@@ -359,15 +359,19 @@ class GliderLinear(nn.Linear):
                 )
         if routing_record is not None:
             routing_record.add(self.module_path, weights, self.expert_index[indices])
-        if implementation == "dense":
+        if self.config.lora_implementation == "dense":
             if rows is not None:  # every expert of this linear: the ones not leased have weight 0
                 lora_A, lora_B = lora_A.index_select(0, rows.clamp(min=0)), lora_B.index_select(0, rows.clamp(min=0))
             return y + self.mixture_of_lora(x, weights, indices, lora_A, lora_B)
-        mixture = gathered_mixture_of_lora if implementation == "gather" else grouped_mixture_of_lora
         stored = self.stored_rows(indices, rows, weights)
-        if self.uniform_scaling is not None:  # applied once, where the mixture is added to y
-            return mixture(y, x, weights.to(x.dtype), stored, lora_A, lora_B, self.uniform_scaling)
-        return mixture(y, x, (weights * self.lora_scaling[indices]).to(x.dtype), stored, lora_A, lora_B)
+        in_use = experts_in_use(stored, x)  # on CPU, from 8 rows on: what the choice and the gather path count
+        if self.uniform_scaling is None:
+            weights, scaling = weights * self.lora_scaling[indices], 1.0
+        else:  # applied once, where the mixture is added to y
+            scaling = self.uniform_scaling
+        if self.lora_implementation(x, lora_A, lora_B, in_use) == "gather":
+            return gathered_mixture_of_lora(y, x, weights.to(x.dtype), stored, lora_A, lora_B, scaling, in_use)
+        return grouped_mixture_of_lora(y, x, weights.to(x.dtype), stored, lora_A, lora_B, scaling)
 
     def expert_storage(self, expert_lease) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The tensors that hold this linear's experts (`lora_A`, `lora_B`, `router_gate`) and, when the experts are
@@ -393,11 +397,16 @@ class GliderLinear(nn.Linear):
         return stored.clamp(min=0)
 
     def lora_implementation(
-        self, x: torch.Tensor, lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        lora_A: torch.Tensor | None = None,
+        lora_B: torch.Tensor | None = None,
+        in_use: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> str:
         """What computes a call on input `x`: `config.lora_implementation`; "auto" is the formulation `mixture_costs`
-        finds cheapest for the call's shapes (see `fast_lora.py`), "gather" in compiled graphs (the grouped loop is
-        not traceable). `lora_A`, `lora_B`: where the experts lie (default: this linear's own)."""
+        finds cheapest for the call's shapes and, where known (`in_use`, from `experts_in_use`), the number of experts
+        in use (see `fast_lora.py`); "gather" in compiled graphs (the grouped loop is not traceable). `lora_A`, `lora_B`:
+        where the experts lie (default: this linear's own)."""
         implementation = self.config.lora_implementation
         if implementation != "auto":
             return implementation
@@ -415,6 +424,7 @@ class GliderLinear(nn.Linear):
             x.element_size(),
             x.device.type,
             grouped_mm_applies(x, lora_A, lora_B, aligned=False),
+            None if in_use is None else in_use[0].numel(),
         )
 
     def routing_logits(
