@@ -364,7 +364,8 @@ class GliderLinear(nn.Linear):
                 lora_A, lora_B = lora_A.index_select(0, rows.clamp(min=0)), lora_B.index_select(0, rows.clamp(min=0))
             return y + self.mixture_of_lora(x, weights, indices, lora_A, lora_B)
         stored = self.stored_rows(indices, rows, weights)
-        in_use = experts_in_use(stored, x)  # on CPU, from 8 rows on: what the choice and the gather path count
+        # on CPU, from 8 rows on: the experts in use, which "auto" and the gather path count ("grouped" counts its own)
+        in_use = None if self.config.lora_implementation == "grouped" else experts_in_use(stored, x)
         if self.uniform_scaling is None:
             weights, scaling = weights * self.lora_scaling[indices], 1.0
         else:  # applied once, where the mixture is added to y
