@@ -6,8 +6,9 @@
 `routing.glider_routing_weights`, which exponentiates the k kept logits only.
 
 - `gathered_mixture_of_lora`: gathers each token's k experts' A and B and applies them with batched matmuls: no Python
-  loop, k LoRA products per token. On CPU, from 8 rows on, where rows share experts (the beams of one query) it reads
-  each expert in use once instead. For few tokens, as in the decoding steps, and in compiled graphs.
+  loop, k LoRA products per token, the copies at most `GATHER_COPY_BYTES` at a time. On CPU, from 8 rows on, where rows
+  share experts (the beams of one query) it reads each expert in use once instead. For few tokens, as in the decoding
+  steps, and in compiled graphs.
 - `grouped_mixture_of_lora`: sorts the (token, expert) pairs by expert and runs one matmul pair per expert in use, so
   each expert's weights are read once however many tokens chose it. For many tokens (the encoder on long inputs).
   In fp32 on CPU the pairs are two grouped matmuls (`torch._grouped_mm`); otherwise a loop over the experts in use.
@@ -31,6 +32,10 @@ import torch
 OPERATOR_BYTES = {"cpu": 50_000, "accelerator": 10_000_000}
 CPU_HALF_MATMUL_BYTES = 300_000
 GROUPED_MM_GROUP_BYTES = 20_000
+# The gather path copies every (token, expert) pair's A and B: on a long input, where an accelerator gathers to save
+# launches, that would be gigabytes (t5-xl, 4096 tokens, bf16: ~2 GB a call). It takes the tokens in chunks whose
+# copies stay below this: a few more operators, bounded memory.
+GATHER_COPY_BYTES = 64 * 2**20
 
 
 def mixture_costs(
@@ -61,18 +66,21 @@ def mixture_costs(
         grouped = min(
             grouped, 2 * matmul + 8 * operator + 2 * num_experts * GROUPED_MM_GROUP_BYTES + used * expert + rows
         )
-    if device_type == "cpu" and tokens >= 8 and rows_share_experts(used, pairs, k):
+    shared = used * tokens * (rank + d_out) * element_size  # read-once: every token through each expert in use
+    if device_type == "cpu" and tokens >= 8 and reads_experts_once(used, pairs, k, shared):
         # each expert in use copied once and read, every token through each of them (weight 0 where not chosen)
-        gather = 2 * matmul + 7 * operator + 2 * used * expert + 2 * used * tokens * (rank + d_out) * element_size
-    else:  # each token's k experts copied, then read
-        gather = 2 * matmul + 5 * operator + 2 * pairs * expert
+        gather = 2 * matmul + 7 * operator + 2 * used * expert + 2 * shared
+    else:  # each token's k experts copied, then read; in chunks of at most GATHER_COPY_BYTES copied
+        chunks = -(-pairs * expert // GATHER_COPY_BYTES)
+        gather = max(chunks, 1) * (2 * matmul + 5 * operator) + 2 * pairs * expert
     return {"gather": gather, "grouped": grouped}
 
 
-def rows_share_experts(used: int, pairs: int, k: int) -> bool:
+def reads_experts_once(used: int, pairs: int, k: int, intermediate_bytes: int) -> bool:
     """Whether the gather path reads each of the `used` experts in use once rather than per (token, expert) pair: the
-    product over the experts in use costs used/k times the per-token one, hence the cap."""
-    return 2 * used <= pairs and used <= 5 * k
+    product over the experts in use costs used/k times the per-token one, hence the cap on `used`; its intermediates
+    (`intermediate_bytes`, every token through every expert in use) stay within `GATHER_COPY_BYTES`."""
+    return 2 * used <= pairs and used <= 5 * k and intermediate_bytes <= GATHER_COPY_BYTES
 
 
 def experts_in_use(indices: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -124,18 +132,34 @@ def gathered_mixture_of_lora(
     if in_use is not None:
         experts, slot = in_use
         used = experts.numel()
-        if rows_share_experts(used, flat.numel(), k):
+        if reads_experts_once(used, flat.numel(), k, used * tokens * (r + d_out) * x.element_size()):
             mix = x.new_zeros(tokens, used).scatter_add_(1, slot.view(tokens, k), scaled_weights.view(tokens, k))
             hidden = (x @ lora_A.index_select(0, experts).view(used * r, d_in).T).view(tokens, used, r)
             hidden = (hidden * mix[:, :, None]).transpose(0, 1)  # [used, tokens, r]
             out = torch.bmm(hidden, lora_B.index_select(0, experts).transpose(1, 2)).sum(dim=0)
             return torch.add(y, out.view(*lead, d_out), alpha=scaling)
+    pairs, scaled_weights = flat.view(tokens, k), scaled_weights.reshape(tokens, k)
+    step = max(1, GATHER_COPY_BYTES // (k * r * (d_in + d_out) * x.element_size()))
+    out = [
+        gathered_rows(x[s : s + step], scaled_weights[s : s + step], pairs[s : s + step], lora_A, lora_B)
+        for s in range(0, max(tokens, 1), step)
+    ]
+    return torch.add(y, (torch.cat(out) if len(out) > 1 else out[0]).view(*lead, d_out), alpha=scaling)
+
+
+def gathered_rows(
+    x: torch.Tensor, scaled_weights: torch.Tensor, indices: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
+) -> torch.Tensor:
+    """sum_j w_j B_j A_j x per row of `x` `[tokens, d_in]`, its experts `indices` `[tokens, k]` copied out of the
+    stacks: `[tokens, d_out]`."""
+    (tokens, k), r, d_in, d_out = indices.shape, lora_A.shape[1], lora_A.shape[2], lora_B.shape[1]
+    flat = indices.reshape(-1)
     A = lora_A.index_select(0, flat).view(tokens, k * r, d_in)
     # [tokens, 1, d_in] @ [tokens, d_in, k r]: with the vector on the left the batched matmul stays on its fast path
     hidden = torch.bmm(x[:, None, :], A.transpose(1, 2)).view(tokens * k, 1, r)
     hidden = hidden * scaled_weights.reshape(tokens * k, 1, 1)
     B = lora_B.index_select(0, flat)
-    return torch.add(y, torch.bmm(hidden, B.transpose(1, 2)).view(*lead, k, d_out).sum(dim=-2), alpha=scaling)
+    return torch.bmm(hidden, B.transpose(1, 2)).view(tokens, k, d_out).sum(dim=1)
 
 
 def grouped_mm_applies(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, aligned: bool = True) -> bool:
