@@ -8,6 +8,7 @@ step must still give the logits of the uncompiled one.
 
 import pytest
 import torch
+from transformers import CompileConfig
 from transformers.cache_utils import EncoderDecoderCache, StaticCache
 
 from modeling_glider import GliderLinear, GliderT5ForConditionalGeneration
@@ -77,5 +78,54 @@ def test_a_routed_linear_at_decode_shapes_never_waits_for_the_device(model, rout
             got = compiled(x, global_logits[:rows], routing_candidates=candidates)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     finally:
+        model.config.router_candidates = None
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("router_candidates", [None, 2])
+@torch.no_grad()
+def test_generate_compiles_its_decoding_step_and_routes_every_call_anew(model, router_candidates):
+    """Greedy `generate` with a static cache compiles its decoding step (as it does by itself on an accelerator; on a
+    CPU when asked with `CompileConfig._compile_all_devices`; transformers' beam search does not compile): the tokens
+    equal uncompiled generation; other tasks' instructions reuse the graph; a routing knob changed afterwards is obeyed
+    (a guard recompiles), never served stale."""
+    compiles = []
+
+    def counting_backend(graph_module, example_inputs, **options):  # options: the CompileConfig mode
+        compiles.append(1)
+        return graph_module.forward
+
+    compile_config = CompileConfig(fullgraph=True, backend=counting_backend)
+    compile_config._compile_all_devices = True
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, 60, (3, 6), generator=generator)
+    experts = torch.eye(4, EMBED_DIM)  # each query between two experts' instructions: the second expert counts
+    tasks = [experts[[0, 1, 2]] + experts[[1, 2, 3]], experts[[3, 3, 1]] + experts[[0, 2, 0]]]
+    settings = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True}
+    settings |= {"output_logits": True}
+    model.config.router_candidates = router_candidates
+    torch._dynamo.reset()
+    try:
+        step_logits = {}
+        for top_k in (2, 1):
+            model.config.router_top_k = top_k
+            for task, instructions in enumerate(tasks):
+                expected = model.generate(input_ids=ids, instruction_embeddings=instructions, **settings)
+                got = model.generate(
+                    input_ids=ids, instruction_embeddings=instructions, cache_implementation="static",
+                    compile_config=compile_config, **settings,
+                )  # fmt: skip
+                assert torch.equal(got.sequences, expected.sequences), (top_k, task)
+                expected_logits, got_logits = torch.stack(expected.logits), torch.stack(got.logits)
+                scale = expected_logits.abs().max().item()
+                torch.testing.assert_close(got_logits, expected_logits, atol=1e-5 * scale, rtol=1e-5)
+                step_logits[top_k, task] = got_logits
+            if top_k == 2:
+                assert len(compiles) == 1  # the second batch of tasks ran the same graph
+        assert len(compiles) == 2  # top_k 1: recompiled once
+        for task in range(len(tasks)):  # and the knob changed what the compiled steps computed
+            assert not torch.allclose(step_logits[1, task], step_logits[2, task], atol=1e-3)
+    finally:
+        model.config.router_top_k = 2
         model.config.router_candidates = None
         torch._dynamo.reset()
