@@ -17,6 +17,7 @@ caches off, so every compile is cold. A timing is the mean of `calls` consecutiv
 """
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -30,6 +31,7 @@ if str(REPO) not in sys.path:  # run as a script: make the repository's packages
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from transformers import CompileConfig  # noqa: E402
 from transformers.cache_utils import EncoderDecoderCache, StaticCache  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
@@ -57,6 +59,7 @@ SYSTEMS = {
     "glider gather, 4 candidates": ("gather", 4),
     "glider dense, 4 candidates": ("dense", 4),
 }
+GENERATE_SYSTEMS = ("base", "glider gather")  # timed end to end as well (compiled, "auto" gathers)
 # compiled against uncompiled logits, relative to the largest logit: fused kernels round differently
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 SMALL = replace(FULL, **DIMS["d256"], experts=(36,), generate_batch=8, prompt_length=64, repeats=15)
@@ -183,6 +186,7 @@ def run(setup: Setup, backend: str, prefill: int, calls: int) -> dict:
         row["uncompiled / uncompiled base"] = row["uncompiled_ms"] / systems["base"]["uncompiled_ms"]
         row["compiled / compiled base"] = row["compiled_ms"] / systems["base"]["compiled_ms"]
     torch._dynamo.reset()
+    generation = time_generate(models, data, setup, backend)
     setting = {
         k: v
         for k, v in asdict(setup).items()
@@ -190,8 +194,56 @@ def run(setup: Setup, backend: str, prefill: int, calls: int) -> dict:
     }
     setting |= {"experts": setup.experts[0], "batch": setup.generate_batch, "prompt_length": setup.prompt_length}
     setting |= {"prefill": prefill, "device": setup.device, "dtype": setup.dtype, "backend": backend}
-    setting |= {"repeats": setup.repeats, "calls": calls}
-    return {"setting": setting, "systems": systems}
+    setting |= {"repeats": setup.repeats, "calls": calls, "new_tokens": setup.new_tokens}
+    return {"setting": setting, "systems": systems, "generate": generation}
+
+
+def time_generate(models: dict, data: dict, setup: Setup, backend: str) -> dict:
+    """Greedy `generate` of `setup.new_tokens` tokens end to end, for the systems of `GENERATE_SYSTEMS`: uncompiled
+    (dynamic cache), and with a static cache and a `CompileConfig`, whose decoding step `generate` compiles itself (as
+    it does unasked on an accelerator). The compiled run must give the uncompiled tokens. Medians of interleaved runs."""
+    compile_config = CompileConfig(fullgraph=True, backend=backend)
+    compile_config._compile_all_devices = True  # on a CPU too
+    n = setup.new_tokens
+    runs, rows = {}, {}
+    for name in GENERATE_SYSTEMS:
+        model = models[name]
+        routing = {} if SYSTEMS[name] is None else {"instruction_embeddings": data["instruction_embeddings"]}
+        settings = {"input_ids": data["input_ids"], "max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+        runs[name, "uncompiled"] = functools.partial(model.generate, **settings, **routing)
+        runs[name, "compiled"] = functools.partial(
+            model.generate, **settings, **routing, cache_implementation="static", compile_config=compile_config
+        )
+        expected = runs[name, "uncompiled"]()
+        synchronize(setup.device)
+        start = time.perf_counter()
+        got = runs[name, "compiled"]()
+        synchronize(setup.device)
+        rows[name] = {"compile_seconds": time.perf_counter() - start}  # the first call: compiles, then generates
+        if not torch.equal(got, expected):
+            raise RuntimeError(f"{name}: compiled generate gave other tokens than uncompiled generate")
+        print(f"{name}: generate compiled in {rows[name]['compile_seconds']:.1f} s, same tokens", flush=True)
+    times = {key: [] for key in runs}
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for _ in range(setup.repeats):
+            for key, fn in runs.items():
+                synchronize(setup.device)
+                start = time.perf_counter()
+                fn()
+                synchronize(setup.device)
+                times[key].append(time.perf_counter() - start)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    base = GENERATE_SYSTEMS[0]
+    for name, row in rows.items():
+        for kind in ("uncompiled", "compiled"):
+            row[f"{kind}_ms_per_token"] = statistics.median(times[name, kind]) * 1e3 / n
+    for row in rows.values():
+        for kind in ("uncompiled", "compiled"):
+            row[f"{kind} / {kind} base"] = row[f"{kind}_ms_per_token"] / rows[base][f"{kind}_ms_per_token"]
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -218,6 +270,23 @@ def markdown(report: dict) -> str:
             f"| {name} | {r['uncompiled_ms']:.2f} | {r['compiled_ms']:.2f} | {r['compiled / uncompiled']:.2f} | "
             f"{r['uncompiled / uncompiled base']:.2f} | {r['compiled / compiled base']:.2f} | "
             f"{r['compile_seconds']:.1f} | {r['compiled_logits_difference']:.1e} |"
+        )
+    lines += [
+        "",
+        f"Greedy `generate` of {s['new_tokens']} tokens end to end (encoder, prefill and steps), the same queries: "
+        "uncompiled with a dynamic cache; compiled: a static cache and a `CompileConfig` (fullgraph, the backend "
+        "above), `generate` compiling its decoding step itself. Compile: the first compiled call, generation "
+        "included. The compiled tokens equal the uncompiled ones.",
+        "",
+        "| system | uncompiled (ms/token) | compiled (ms/token) | uncompiled / uncompiled base | compiled / compiled base "
+        "| compile (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in report["generate"].items():
+        lines.append(
+            f"| {name} | {r['uncompiled_ms_per_token']:.2f} | {r['compiled_ms_per_token']:.2f} | "
+            f"{r['uncompiled / uncompiled base']:.2f} | {r['compiled / compiled base']:.2f} | "
+            f"{r['compile_seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

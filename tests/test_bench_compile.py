@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.bench_compile import SYSTEMS, TINY, TOLERANCE, main, run
+from benchmarks.bench_compile import GENERATE_SYSTEMS, SYSTEMS, TINY, TOLERANCE, main, run, time_generate
+from benchmarks.bench_speed import build_base, build_glider, make_inputs
 
 
 def test_quick_run_reports_every_system_compiled_and_not(tmp_path):
@@ -28,8 +29,33 @@ def test_quick_run_reports_every_system_compiled_and_not(tmp_path):
         assert 0 <= row["compiled_logits_difference"] <= TOLERANCE["float32"]
         assert row["compiled / compiled base"] == pytest.approx(row["compiled_ms"] / base["compiled_ms"])
         assert row["uncompiled / uncompiled base"] == pytest.approx(row["uncompiled_ms"] / base["uncompiled_ms"])
+    assert list(report["generate"]) == list(GENERATE_SYSTEMS) and report["setting"]["new_tokens"] > 0
+    base = report["generate"]["base"]
+    for row in report["generate"].values():
+        assert row["compile_seconds"] > 0
+        for kind in ("uncompiled", "compiled"):
+            ratio = row[f"{kind}_ms_per_token"] / base[f"{kind}_ms_per_token"]
+            assert row[f"{kind} / {kind} base"] == pytest.approx(ratio)
     markdown = (tmp_path / "bench_compile_quick_eager.md").read_text()
     assert all(f"| {name} |" in markdown for name in SYSTEMS) and "compiled / compiled base" in markdown
+    assert "ms/token" in markdown
+
+
+def test_compiled_generate_that_changes_the_tokens_is_refused():
+    def negated(graph, example_inputs, **options):  # a backend whose graphs negate every floating output
+        def call(*args):
+            return [-o if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in graph(*args)]
+
+        return call
+
+    base = build_base(TINY)
+    models = {"base": base, "glider gather": build_glider(base, TINY, TINY.experts[0])}
+    data = make_inputs(TINY, models["glider gather"])["generate"]
+    try:
+        with pytest.raises(RuntimeError, match="^base: compiled generate gave other tokens"):
+            time_generate(models, data, TINY, negated)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_a_compiled_step_that_changes_the_logits_is_refused():
