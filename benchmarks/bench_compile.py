@@ -10,6 +10,9 @@ queries' next token at position `prefill`, self-attention in a `StaticCache` and
 for every system. Systems: the base T5; GliderT5 with `lora_implementation` "gather" and "dense", each routing among
 all experts and among `router_candidates=4` per query.
 
+Then greedy `generate` end to end, the base T5 and GliderT5 ("auto"): uncompiled, and with a static cache and a
+`CompileConfig`, with which `generate` compiles its own decoding step (the compiled tokens must equal the uncompiled).
+
 Before timing, the compiled step's logits must equal the uncompiled step's within a tolerance scaled to the logits.
 Compile seconds: the first call of the compiled step (tracing, code generation, C++ compilation), with Inductor's
 caches off, so every compile is cold. A timing is the mean of `calls` consecutive steps; reported is the median of
