@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_argument("--out", required=True, help="The new expert directory (must not exist or be empty).")
     expert.add_argument("--name", required=True, help="The expert's name.")
     expert.add_argument("--instruction", default="", help="The expert's task instruction.")
-    expert.add_argument("--r", type=count, default=16, help="LoRA rank (default: %(default)s).")
+    expert.add_argument(  # torchrun takes --r as an abbreviation of its own options: --lora-r passes through it
+        "--r", "--lora-r", dest="r", type=count, default=16, help="LoRA rank (default: %(default)s)."
+    )
     expert.add_argument(
         "--lora-alpha", type=positive, default=1.0, help="LoRA alpha; scaling alpha/r (default: %(default)s)."
     )

@@ -421,7 +421,7 @@ def test_expert_trains_the_same_over_two_processes(tmp_path, word_tokenizer):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "modeling_glider.cli", "train-expert", "--base", str(tmp_path / "base"), "--out", str(out),
-        "--name", "fruit", "--data", str(tmp_path / "data.jsonl"), "--lora-alpha", "8", "--steps", "1",
+        "--name", "fruit", "--data", str(tmp_path / "data.jsonl"), "--lora-r", "4", "--lora-alpha", "8", "--steps", "1",
         "--batch-size", "3", "--learning-rate", str(lr), "--warmup-ratio", "0", "--gate-steps", "1",
         "--gate-learning-rate", str(gate_lr),
     ]  # fmt: skip
@@ -431,6 +431,7 @@ def test_expert_trains_the_same_over_two_processes(tmp_path, word_tokenizer):
     assert result.stdout.count("Wrote expert 'fruit'") == 1  # the main process only
     assert sorted(p.name for p in (tmp_path / "experts").iterdir()) == ["fruit"]  # no staging folder left
     assert {"adapter_config.json", "adapter_model.safetensors", "glider_expert.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4  # --lora-r passed through torchrun
 
     adapter = load_file(out / "adapter_model.safetensors")
     model, B_zero = copy.deepcopy(base), {}
@@ -440,7 +441,7 @@ def test_expert_trains_the_same_over_two_processes(tmp_path, word_tokenizer):
             B_zero[path] = torch.zeros(adapter[key.replace("lora_A", "lora_B")].shape, requires_grad=True)
 
             def hook(module, args, output, A=A, B=B_zero[path]):
-                return output + 8 / 16 * (args[0] @ A.T @ B.T)  # alpha / r, r = 16
+                return output + 8 / 4 * (args[0] @ A.T @ B.T)  # alpha / r
 
             model.get_submodule(path).register_forward_hook(hook)
     assert set(B_zero) == set(routable_linears(base))
