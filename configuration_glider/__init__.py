@@ -1,3 +1,3 @@
-from .configuration_glider import GliderConfig, is_positive_number
+from .configuration_glider import GliderConfig, check_lora_fields, is_positive_number
 
-__all__ = ["GliderConfig", "is_positive_number"]
+__all__ = ["GliderConfig", "check_lora_fields", "is_positive_number"]

@@ -125,6 +125,30 @@ class ReadOnlyList(list):
         return type(self)(copy.deepcopy(list(self), memo))
 
 
+def check_lora_fields(fields: dict, who: str) -> None:
+    """Refuse LoRA fields that PEFT would not read as ranks and scalings: `r` and the `rank_pattern` values positive
+    integers, `lora_alpha` and the `alpha_pattern` values finite numbers > 0, `use_rslora` true or false, the patterns'
+    keys regular expressions. `fields` holds each (defaults applied); `who` names the expert."""
+    if not is_positive_number(fields["r"], integer=True):
+        raise ValueError(f"{who}: 'r' must be a positive integer, got {fields['r']!r}.")
+    if not is_positive_number(fields["lora_alpha"]):
+        raise ValueError(f"{who}: 'lora_alpha' must be a finite number > 0, got {fields['lora_alpha']!r}.")
+    if not isinstance(fields["use_rslora"], bool):
+        raise ValueError(f"{who}: 'use_rslora' must be true or false, got {fields['use_rslora']!r}.")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = fields.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{who}: '{key}' must be an object, got {pattern!r}.")
+        for module, value in pattern.items():
+            try:
+                re.compile(module)  # PEFT reads each key as a regular expression
+            except re.error as error:
+                raise ValueError(f"{who}: {key} key {module!r} is not a valid regular expression ({error}).") from None
+            if not is_positive_number(value, integer):
+                kind = "a positive integer" if integer else "a finite number > 0"
+                raise ValueError(f"{who}: {key}[{module!r}] must be {kind}, got {value!r}.")
+
+
 def matches_pattern(pattern: str, module_path: str) -> bool:
     """PEFT's rule for `target_modules` names and `rank_pattern`/`alpha_pattern` keys: the pattern matches the
     whole path or a dotted suffix of it."""
@@ -447,49 +471,34 @@ class GliderConfig(T5Config):
         targets = expert.get("target_modules")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"Expert {name!r}: 'target_modules' must be a non-empty list of module names.")
-        r = expert.get("r")
-        if not is_positive_number(r, integer=True):
-            raise ValueError(f"Expert {name!r}: 'r' must be a positive integer, got {r!r}.")
-        for key in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(expert.get(key) or {}, dict):
-                raise ValueError(f"Expert {name!r}: '{key}' must be an object, got {expert[key]!r}.")
-        patterns = [("target_modules", t) for t in targets]
-        patterns += [(key, p) for key in ("rank_pattern", "alpha_pattern") for p in expert.get(key) or {}]
-        for key, pattern in patterns:
+        for target in targets:
             try:
-                re.compile(pattern)  # PEFT reads each as a regular expression
+                re.compile(target)  # PEFT reads each as a regular expression
             except re.error as error:
                 raise ValueError(
-                    f"Expert {name!r}: {key} entry {pattern!r} is not a valid regular expression ({error})."
+                    f"Expert {name!r}: target_modules entry {target!r} is not a valid regular expression ({error})."
                 ) from None
+        r = expert.get("r")
+        lora = {"r": r, "lora_alpha": expert.get("lora_alpha", r), "use_rslora": expert.get("use_rslora", False)}
+        lora |= {key: expert.get(key) for key in ("rank_pattern", "alpha_pattern")}
+        check_lora_fields(lora, f"Expert {name!r}")
         normalised = ExpertEntry(
             name=name,
             instruction=expert.get("instruction") or "",
             source=expert.get("source") or "",
             target_modules=ReadOnlyList(sorted(targets)),
             r=r,
-            lora_alpha=expert.get("lora_alpha", r),
-            use_rslora=expert.get("use_rslora", False),
-            rank_pattern=ReadOnlyDict(expert.get("rank_pattern") or {}),
-            alpha_pattern=ReadOnlyDict(expert.get("alpha_pattern") or {}),
+            lora_alpha=lora["lora_alpha"],
+            use_rslora=lora["use_rslora"],
+            rank_pattern=ReadOnlyDict(lora["rank_pattern"] or {}),
+            alpha_pattern=ReadOnlyDict(lora["alpha_pattern"] or {}),
             samples=expert.get("samples", 0),
         )
         samples = normalised["samples"]
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise ValueError(f"Expert {name!r}: 'samples' must be an integer >= 0, got {samples!r}.")
-        if not isinstance(normalised["use_rslora"], bool):
-            raise ValueError(f"Expert {name!r}: 'use_rslora' must be true or false, got {normalised['use_rslora']!r}.")
         if not isinstance(normalised["instruction"], str) or not isinstance(normalised["source"], str):
             raise ValueError(f"Expert {name!r}: 'instruction' and 'source' must be strings.")
-        if not is_positive_number(normalised["lora_alpha"]):
-            raise ValueError(
-                f"Expert {name!r}: 'lora_alpha' must be a finite number > 0, got {normalised['lora_alpha']!r}."
-            )
-        for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
-            for pattern, value in normalised[key].items():
-                if not is_positive_number(value, integer):
-                    kind = "a positive integer" if integer else "a finite number > 0"
-                    raise ValueError(f"Expert {name!r}: {key}[{pattern!r}] must be {kind}, got {value!r}.")
         return normalised
 
     @property

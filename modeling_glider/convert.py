@@ -37,11 +37,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig, T5ForConditionalGeneration
 
+from configuration_glider import is_positive_number
+
 from .experts import (
     ADAPTER_WEIGHTS,
     check_name,
     compact_target_modules,
-    is_positive_number,
     read_json_object,
     routable_linears,
     save_expert_files,

@@ -36,9 +36,9 @@ from .routing import GliderGlobalRouter, GliderLinear
 from .staging import staging_file
 
 try:  # a flat folder (save_pretrained, the Hub) holds both files side by side
-    from .configuration_glider import GliderConfig, is_positive_number
+    from .configuration_glider import GliderConfig, check_lora_fields
 except ImportError:  # the installed packages
-    from configuration_glider import GliderConfig, is_positive_number
+    from configuration_glider import GliderConfig, check_lora_fields
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -108,26 +108,7 @@ def check_adapter_config(adapter_config: dict, who: str) -> None:
             "is relative to a rewritten base weight, not W + s B A on the base. Save it with PEFT's "
             "`path_initial_model_for_weight_conversion` (which makes it a plain LoRA) and use that."
         )
-    if not isinstance(adapter_config.get("use_rslora", False), bool):
-        raise ValueError(f"{where}: use_rslora must be true or false, got {adapter_config['use_rslora']!r}.")
-    if not is_positive_number(adapter_config.get("r", 8), integer=True):
-        raise ValueError(f"{where}: r must be a positive integer, got {adapter_config['r']!r}.")
-    if not is_positive_number(adapter_config.get("lora_alpha", 8)):
-        raise ValueError(f"{where}: lora_alpha must be a finite number > 0, got {adapter_config['lora_alpha']!r}.")
-    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
-        pattern = adapter_config.get(key) or {}
-        if not isinstance(pattern, dict):
-            raise ValueError(f"{where}: {key} must be an object, got {pattern!r}.")
-        for module, value in pattern.items():
-            try:
-                re.compile(module)  # a PEFT pattern is a regular expression
-            except re.error as error:
-                raise ValueError(
-                    f"{where}: {key} key {module!r} is not a valid regular expression ({error})."
-                ) from None
-            if not is_positive_number(value, integer):
-                kind = "a positive integer" if integer else "a finite number > 0"
-                raise ValueError(f"{where}: {key}[{module!r}] must be {kind}, got {value!r}.")
+    check_lora_fields({"r": 8, "lora_alpha": 8, "use_rslora": False} | adapter_config, where)  # PEFT's defaults
 
 
 @dataclass

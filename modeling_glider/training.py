@@ -30,6 +30,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from configuration_glider import is_positive_number
 from configuration_glider.configuration_glider import matches_pattern
 
 from .experts import (
@@ -38,7 +39,6 @@ from .experts import (
     check_name,
     check_sample_embeddings,
     expert_lora_scalings,
-    is_positive_number,
     load_base,
     load_expert,
     read_expert_meta,
